@@ -1,0 +1,98 @@
+"""What every long-running citypulse service shares: signals, metrics endpoint, health.
+
+A service is an object with ``async run(stop: asyncio.Event)``; :func:`run_service` builds the
+stop event from SIGTERM/SIGINT, serves Prometheus metrics, and returns the exit code (0 on a
+clean stop). ``/healthz`` answers while the process lives; ``/readyz`` answers 200 only when
+every readiness check registered with :class:`Health` passes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Protocol
+
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+log = logging.getLogger("citypulse.service")
+
+
+class Service(Protocol):
+    async def run(self, stop: asyncio.Event) -> None: ...
+
+
+class Health:
+    """Named readiness checks, each a cheap callable returning True when ready."""
+
+    def __init__(self) -> None:
+        self._checks: dict[str, Callable[[], bool]] = {}
+
+    def add(self, name: str, check: Callable[[], bool]) -> None:
+        self._checks[name] = check
+
+    def status(self) -> dict[str, bool]:
+        out = {}
+        for name, check in self._checks.items():
+            try:
+                out[name] = bool(check())
+            except Exception:  # a failing check means not ready, never a crash
+                out[name] = False
+        return out
+
+    def ready(self) -> bool:
+        return all(self.status().values())
+
+
+HEALTH = Health()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        if self.path.startswith("/metrics"):
+            body, ctype, code = generate_latest(REGISTRY), CONTENT_TYPE_LATEST, 200
+        elif self.path.startswith("/healthz"):
+            body, ctype, code = b"ok\n", "text/plain", 200
+        elif self.path.startswith("/readyz"):
+            status = HEALTH.status()
+            ok = all(status.values())
+            lines = "".join(f"{k} {'ok' if v else 'not ready'}\n" for k, v in status.items())
+            body, ctype, code = lines.encode() or b"ok\n", "text/plain", 200 if ok else 503
+        else:
+            body, ctype, code = b"not found\n", "text/plain", 404
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def serve_http(port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:  # noqa: S104
+    """Serve /metrics, /healthz and /readyz on ``port`` in a daemon thread."""
+    server = ThreadingHTTPServer((host, port), _Handler)
+    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+    return server
+
+
+async def run_service(service: Service, metrics_port: int = 0) -> int:
+    """Run ``service`` until SIGTERM/SIGINT; return 0 after a clean stop."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    http = serve_http(metrics_port) if metrics_port else None
+    try:
+        await service.run(stop)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        if http is not None:
+            http.shutdown()
+    log.info("stopped cleanly")
+    return 0

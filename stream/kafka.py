@@ -1,0 +1,100 @@
+"""aiokafka producers, consumers and topic set-up, built from :class:`Settings`.
+
+Delivery: producers use ``acks=all`` and, where the broker supports it (Apache Kafka), the
+idempotent producer (``kafka_idempotence``). Consumers never auto-commit: each stage commits
+offsets only after its own output is durable, so every stage is at-least-once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
+
+from citypulse.settings import Settings
+
+log = logging.getLogger("citypulse.stream")
+
+TOPICS = ("readings", "deadletter", "alerts", "commands")
+"""Topics created at start-up (names without the prefix)."""
+
+
+def client_options(settings: Settings) -> dict[str, Any]:
+    """Connection options shared by every Kafka client (bootstrap, TLS, SASL)."""
+    opts: dict[str, Any] = {
+        "bootstrap_servers": settings.kafka_bootstrap,
+        "security_protocol": settings.kafka_security_protocol,
+    }
+    if settings.kafka_security_protocol in ("SSL", "SASL_SSL"):
+        opts["ssl_context"] = ssl.create_default_context(
+            cafile=str(settings.kafka_ssl_cafile) if settings.kafka_ssl_cafile else None
+        )
+    if settings.kafka_sasl_mechanism:
+        opts["sasl_mechanism"] = settings.kafka_sasl_mechanism
+        opts["sasl_plain_username"] = settings.kafka_sasl_username
+        if settings.kafka_sasl_password is not None:
+            opts["sasl_plain_password"] = settings.kafka_sasl_password.get_secret_value()
+    return opts
+
+
+def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
+    opts: dict[str, Any] = {
+        **client_options(settings),
+        "acks": "all",
+        "enable_idempotence": settings.kafka_idempotence,
+        "linger_ms": settings.kafka_linger_ms,
+        "max_batch_size": settings.kafka_max_batch_bytes,
+        "compression_type": None,
+    }
+    opts.update(overrides)
+    return AIOKafkaProducer(**opts)
+
+
+def make_consumer(
+    settings: Settings, *topics: str, group_id: str, **overrides: Any
+) -> AIOKafkaConsumer:
+    opts: dict[str, Any] = {
+        **client_options(settings),
+        "group_id": group_id,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "fetch_max_wait_ms": settings.kafka_fetch_max_wait_ms,
+        "isolation_level": "read_uncommitted",
+    }
+    opts.update(overrides)
+    return AIOKafkaConsumer(*topics, **opts)
+
+
+async def ensure_topics(
+    settings: Settings, names: tuple[str, ...] = TOPICS, retries: int = 30
+) -> None:
+    """Create the topics (with configured partitions) unless they exist; wait for the broker."""
+    admin = AIOKafkaAdminClient(**client_options(settings))
+    for attempt in range(retries):
+        try:
+            await admin.start()
+            break
+        except KafkaConnectionError:
+            if attempt == retries - 1:
+                raise
+            await asyncio.sleep(0.5)
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [
+            NewTopic(settings.topic(n), settings.partitions, settings.replication_factor)
+            for n in names
+            if settings.topic(n) not in existing
+        ]
+        if wanted:
+            # Another process may have created them first.
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await admin.create_topics(wanted)
+            log.info("created topics", extra={"topics": [t.name for t in wanted]})
+    finally:
+        await admin.close()
