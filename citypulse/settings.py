@@ -81,6 +81,10 @@ class Settings(BaseSettings):
     # -- writer -------------------------------------------------------------------------------
     writer_batch_max: int = Field(5000, description="readings per database transaction, at most")
     writer_batch_wait_ms: int = Field(50, description="wait this long for a batch to fill")
+    retention_raw_days: float = Field(30, gt=0, description="keep raw readings this long")
+    retention_1m_days: float = Field(180, gt=0, description="keep 1-minute rollups this long")
+    retention_1h_days: float = Field(5 * 365, gt=0, description="keep 1-hour rollups this long")
+    retention_check_s: float = Field(3600, gt=0, description="run the retention job this often")
 
     # -- observability ------------------------------------------------------------------------
     metrics_port: int = Field(0, description="Prometheus /metrics port; 0 = off")

@@ -1,0 +1,495 @@
+"""The storage writer: Kafka ``readings`` + ``deadletter`` → PostgreSQL, each reading once.
+
+Delivery: Kafka gives at-least-once (offsets are committed only after the database transaction
+that stored the records has committed); the insert is idempotent (``ON CONFLICT DO NOTHING`` on
+``(sensor_id, metric, ts)``), and the rollups and ``sensor_status`` are updated from the rows the
+insert *returned*, in the same transaction. So a reading redelivered after a crash is stored,
+and counted in the rollups, exactly once.
+
+Backpressure: when the database fails, the batch is retried with exponential backoff while the
+assigned partitions are paused (the fetcher stops; memory stays bounded by one batch plus one
+fetch) and ``getmany`` keeps the consumer in its group. Readiness turns false until a write
+succeeds again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import asyncpg
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError
+
+from citypulse.registry import Registry, load_registry
+from citypulse.service import HEALTH
+from citypulse.settings import Settings
+from storage import _metrics as m
+from storage._decode import (
+    DecodeError,
+    ReadingRow,
+    RejectionRow,
+    decode_readings,
+    decode_rejection,
+)
+from storage.errors import Conn, SchemaMissingError
+from storage.migrate import Flavour
+from storage.registry_db import load_registry_into
+from storage.retention import apply_retention, tiers
+from stream.kafka import ensure_topics, make_consumer
+
+log = logging.getLogger("citypulse.storage")
+
+GROUP_ID = "citypulse-writer"
+BACKOFF_MIN_S = 0.1
+BACKOFF_MAX_S = 5.0  # also bounds how long a SIGTERM waits during a database outage
+
+_STAGING = """
+CREATE TEMP TABLE IF NOT EXISTS staging_readings (
+    ts_ms bigint, sensor_id text, metric text, value float8, quality smallint, received_ms bigint
+) ON COMMIT DELETE ROWS
+"""
+_STAGING_COLUMNS = ("ts_ms", "sensor_id", "metric", "value", "quality", "received_ms")
+
+# Milliseconds → timestamptz by integer interval arithmetic: exact, unlike to_timestamp(float).
+_INSERT_RAW = """
+ins AS (
+    INSERT INTO readings (ts, sensor_id, metric, value, quality, received_at)
+    SELECT 'epoch'::timestamptz + ts_ms * interval '1 millisecond', sensor_id, metric, value,
+           quality, 'epoch'::timestamptz + received_ms * interval '1 millisecond'
+    FROM staging_readings
+    ON CONFLICT (sensor_id, metric, ts) DO NOTHING
+    RETURNING ts, sensor_id, metric, value, quality, received_at
+), st AS (
+    -- Ordered so concurrent writers (during a rebalance) lock rows in the same order.
+    INSERT INTO sensor_status AS s (sensor_id, last_ts, last_received_at, readings)
+    SELECT sensor_id, max(ts), max(received_at), count(*) FROM ins GROUP BY 1 ORDER BY 1
+    ON CONFLICT (sensor_id) DO UPDATE SET
+        last_ts = GREATEST(s.last_ts, EXCLUDED.last_ts),
+        last_received_at = GREATEST(s.last_received_at, EXCLUDED.last_received_at),
+        readings = s.readings + EXCLUDED.readings
+)"""
+
+
+def _rollup(table: str, unit: str) -> str:
+    # Only called with the constants below: no input reaches this SQL.
+    return f"""roll_{table[-2:]} AS (
+    INSERT INTO {table} AS r (bucket, sensor_id, metric, avg, min, max, count, sum)
+    SELECT date_trunc('{unit}', ts, 'UTC'), sensor_id, metric,
+           avg(value), min(value), max(value), count(*), sum(value)
+    FROM ins WHERE quality = 0
+    GROUP BY 1, 2, 3 ORDER BY 2, 3, 1
+    ON CONFLICT (sensor_id, metric, bucket) DO UPDATE SET
+        sum = r.sum + EXCLUDED.sum,
+        count = r.count + EXCLUDED.count,
+        avg = (r.sum + EXCLUDED.sum) / (r.count + EXCLUDED.count),
+        min = LEAST(r.min, EXCLUDED.min),
+        max = GREATEST(r.max, EXCLUDED.max)
+)"""  # noqa: S608
+
+
+WRITE_SQL = {
+    # TimescaleDB maintains readings_1m/1h itself (continuous aggregates).
+    Flavour.TIMESCALEDB: f"WITH {_INSERT_RAW}\nSELECT count(*) FROM ins",
+    Flavour.PLAIN: (
+        f"WITH {_INSERT_RAW},\n{_rollup('readings_1m', 'minute')},\n"
+        f"{_rollup('readings_1h', 'hour')}\nSELECT count(*) FROM ins"
+    ),
+}
+
+_INSERT_REJECTIONS = """
+INSERT INTO rejections (received_at, vendor, sensor_id, reason, detail, topic, message_hash)
+SELECT 'epoch'::timestamptz + ms * interval '1 millisecond', vendor, sensor_id, reason, detail,
+       topic, message_hash
+FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+            $7::text[]) AS t(ms, vendor, sensor_id, reason, detail, topic, message_hash)
+ON CONFLICT (message_hash, received_at) DO NOTHING
+"""
+
+
+def _is_data_error(exc: BaseException) -> bool:
+    """A data exception or constraint violation: this data can never be stored, retrying won't
+    help. Everything else (connection lost, shutdown, deadlock, missing table, permission)
+    might heal, so it is retried rather than dropping data."""
+    return isinstance(exc, asyncpg.PostgresError) and (exc.sqlstate or "")[:2] in ("22", "23")
+
+
+@dataclass(slots=True)
+class _Pending:
+    """Decoded records of one partition not yet stored; ``next_offset`` is what to commit."""
+
+    next_offset: int
+    readings: list[list[ReadingRow]] = field(default_factory=list)
+    rejections: list[RejectionRow] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    """Rows of one transaction: readings offered and inserted, rejections offered."""
+
+    readings: int
+    inserted: int
+    rejections: int
+
+
+async def write_rows(
+    conn: Conn,
+    flavour: Flavour,
+    readings: Iterable[ReadingRow],
+    rejections: list[RejectionRow],
+) -> WriteResult:
+    """Store readings and rejections in one transaction, idempotently.
+
+    Args:
+        conn: a connection with the ``staging_readings`` temp table (see :data:`_STAGING`).
+        flavour: decides whether the rollups are maintained here (plain) or by TimescaleDB.
+        readings: ``(ts_ms, sensor_id, metric, value, quality, received_ms)`` rows.
+        rejections: rows for the ``rejections`` table.
+
+    Returns:
+        Counts; ``readings - inserted`` were already stored (duplicates).
+    """
+    rows = readings if isinstance(readings, list) else list(readings)
+    inserted = 0
+    async with conn.transaction():
+        if rows:
+            await conn.copy_records_to_table(
+                "staging_readings", records=rows, columns=_STAGING_COLUMNS
+            )
+            inserted = int(await conn.fetchval(WRITE_SQL[flavour]))
+        if rejections:
+            await conn.execute(
+                _INSERT_REJECTIONS, *[list(c) for c in zip(*rejections, strict=True)]
+            )
+    return WriteResult(len(rows), inserted, len(rejections))
+
+
+async def _init_connection(conn: Conn) -> None:
+    await conn.execute(_STAGING)
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, writer: Writer) -> None:
+        self._writer = writer
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        # Waiting for the lock lets a write in flight finish and commit its offsets before the
+        # partitions move; what is still pending is dropped: the new owner reads it again from
+        # the committed offset, and the idempotent insert makes that harmless.
+        async with self._writer._lock:
+            for tp in revoked:
+                dropped = self._writer._pending.pop(tp, None)
+                if dropped is not None:
+                    self._writer._pending_readings -= sum(map(len, dropped.readings))
+                with contextlib.suppress(KeyError):
+                    m.CONSUMER_LAG.remove(tp.topic, str(tp.partition))
+        log.info("partitions revoked", extra={"partitions": [str(tp) for tp in revoked]})
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        log.info("partitions assigned", extra={"partitions": [str(tp) for tp in assigned]})
+
+
+class Writer:
+    """The ``citypulse store`` service: run it with :func:`citypulse.service.run_service`.
+
+    Args:
+        settings: process settings (database, Kafka, ``writer_batch_*``, ``retention_*``).
+        registry: loaded into the database at start-up; default: read ``settings.registry``.
+        group_id: Kafka consumer group (one group = one copy of the data in the database).
+    """
+
+    def __init__(
+        self, settings: Settings, *, registry: Registry | None = None, group_id: str = GROUP_ID
+    ) -> None:
+        self._settings = settings
+        self._registry = registry
+        self._group_id = group_id
+        self._readings_topic = settings.topic("readings")
+        self._deadletter_topic = settings.topic("deadletter")
+        self._pending: dict[TopicPartition, _Pending] = {}
+        self._pending_readings = 0
+        self._positions: dict[TopicPartition, int] = {}
+        self._lock = asyncio.Lock()
+        self._db_ok = False
+        self._consuming = False
+        self._flavour = Flavour.PLAIN
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume and store until ``stop`` is set; then flush, commit and return."""
+        HEALTH.add("writer_db", lambda: self._db_ok)
+        HEALTH.add("writer_kafka", lambda: self._consuming)
+        pool = await self._connect(stop)
+        if pool is None:
+            return
+        try:
+            await self._prepare(pool)
+            await ensure_topics(self._settings, ("readings", "deadletter"))
+            consumer = make_consumer(self._settings, group_id=self._group_id)
+            consumer.subscribe(
+                [self._readings_topic, self._deadletter_topic], listener=_Rebalance(self)
+            )
+            await consumer.start()
+            self._consuming = True
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    if self._flavour is Flavour.PLAIN:
+                        tg.create_task(self._retention_loop(pool, stop), name="writer-retention")
+                    await self._consume(consumer, pool, stop)
+            finally:
+                self._consuming = False
+                await consumer.stop()
+        finally:
+            await pool.close()
+
+    async def _connect(self, stop: asyncio.Event) -> asyncpg.Pool | None:
+        backoff = BACKOFF_MIN_S
+        while not stop.is_set():
+            try:
+                pool = await asyncpg.create_pool(
+                    self._settings.dsn,
+                    min_size=1,
+                    max_size=2,
+                    init=_init_connection,
+                    command_timeout=60,
+                )
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                m.DB_ERRORS.inc()
+                log.warning("database unavailable, retrying", extra={"error": repr(exc)})
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX_S)
+            else:
+                self._db_ok = True
+                return pool
+        return None
+
+    async def _prepare(self, pool: asyncpg.Pool) -> None:
+        async with pool.acquire() as conn:
+            if await conn.fetchval("SELECT to_regclass('public.readings')") is None:
+                raise SchemaMissingError("table readings is missing: run `citypulse db migrate`")
+            timescale = await conn.fetchval(
+                "SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'"
+            )
+            self._flavour = Flavour.TIMESCALEDB if timescale else Flavour.PLAIN
+            registry = self._registry or load_registry(self._settings.registry)
+            loaded = await load_registry_into(conn, registry)
+        log.info(
+            "writer ready",
+            extra={
+                "flavour": self._flavour.value,
+                "sensors": loaded.sensors,
+                "retired": loaded.retired,
+                "batch_max": self._settings.writer_batch_max,
+                "batch_wait_ms": self._settings.writer_batch_wait_ms,
+            },
+        )
+
+    # -- consume loop ---------------------------------------------------------------------------
+
+    async def _consume(
+        self, consumer: AIOKafkaConsumer, pool: asyncpg.Pool, stop: asyncio.Event
+    ) -> None:
+        while not stop.is_set():
+            await self._fill(consumer, stop)
+            if self._pending:
+                await self._flush(consumer, pool, stop)
+        # Graceful stop: what was fetched is stored and committed before leaving the group.
+        if self._pending:
+            await self._flush(consumer, pool, stop)
+        log.info("writer stopping", extra={"uncommitted_partitions": len(self._pending)})
+
+    async def _fill(self, consumer: AIOKafkaConsumer, stop: asyncio.Event) -> None:
+        """Fetch until a batch is full (``writer_batch_max`` readings) or, once the first
+        record is in, ``writer_batch_wait_ms`` has passed."""
+        wait_s = self._settings.writer_batch_wait_ms / 1000
+        batch_max = self._settings.writer_batch_max
+        started: float | None = time.monotonic() if self._pending else None
+        while not stop.is_set() and self._pending_readings < batch_max:
+            if started is None:
+                timeout_s = 0.2  # idle: wake up now and then to notice ``stop``
+            else:
+                timeout_s = started + wait_s - time.monotonic()
+                if timeout_s <= 0:
+                    break
+            got = await consumer.getmany(
+                timeout_ms=max(1, int(timeout_s * 1000)),
+                max_records=max(1, batch_max - self._pending_readings),
+            )
+            self._absorb(consumer, got)
+            if started is None and self._pending:
+                started = time.monotonic()
+
+    def _absorb(
+        self, consumer: AIOKafkaConsumer, got: dict[TopicPartition, list[ConsumerRecord]]
+    ) -> None:
+        for tp, records in got.items():
+            if not records:
+                continue
+            pending = self._pending.get(tp)
+            if pending is None:
+                pending = self._pending[tp] = _Pending(records[-1].offset + 1)
+            pending.next_offset = records[-1].offset + 1
+            readings_topic = tp.topic == self._readings_topic
+            for rec in records:
+                try:
+                    if readings_topic:
+                        rows = decode_readings(rec.value)
+                        pending.readings.append(rows)
+                        self._pending_readings += len(rows)
+                    else:
+                        pending.rejections.append(decode_rejection(rec.value))
+                except DecodeError as exc:
+                    # It can never be stored; its offset is committed with the batch so it
+                    # doesn't block the partition. The producer's logs/DLQ keep the evidence.
+                    m.UNDECODABLE.labels(tp.topic).inc()
+                    log.warning(
+                        "skipped undecodable record",
+                        extra={
+                            "topic": tp.topic,
+                            "partition": tp.partition,
+                            "offset": rec.offset,
+                            "error": str(exc),
+                        },
+                    )
+            self._positions[tp] = pending.next_offset
+            highwater = consumer.highwater(tp)
+            if highwater is not None:
+                m.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(
+                    max(0, highwater - pending.next_offset)
+                )
+
+    async def _flush(
+        self, consumer: AIOKafkaConsumer, pool: asyncpg.Pool, stop: asyncio.Event
+    ) -> None:
+        """Store everything pending, retrying with backoff; commit offsets after the commit."""
+        backoff = BACKOFF_MIN_S
+        while self._pending:
+            async with self._lock:
+                assigned = consumer.assignment()
+                batch = {tp: p for tp, p in self._pending.items() if tp in assigned}
+                if not batch:
+                    self._clear_pending()
+                    return
+                try:
+                    await self._store(pool, batch)
+                except Exception as exc:
+                    if not _is_transient(exc):
+                        raise
+                    m.DB_ERRORS.inc()
+                    self._db_ok = False
+                    log.warning(
+                        "database write failed, pausing consumption and retrying",
+                        extra={"error": repr(exc), "retry_in_s": backoff},
+                    )
+                else:
+                    self._clear_pending()
+                    self._db_ok = True
+                    await self._commit(consumer, {tp: p.next_offset for tp, p in batch.items()})
+                    if consumer.paused():
+                        consumer.resume(*consumer.paused())
+                        log.info("database back, consumption resumed")
+                    return
+            consumer.pause(*consumer.assignment())
+            if stop.is_set():
+                log.warning("stopping during a database outage: pending records not committed")
+                return
+            # Sleeping inside getmany keeps the consumer in its group (max_poll_interval_ms);
+            # partitions assigned by a rebalance meanwhile may still deliver a fetch: keep it.
+            self._absorb(consumer, await consumer.getmany(timeout_ms=int(backoff * 1000)))
+            backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+    def _clear_pending(self) -> None:
+        self._pending.clear()
+        self._pending_readings = 0
+
+    async def _store(self, pool: asyncpg.Pool, batch: dict[TopicPartition, _Pending]) -> None:
+        readings = list(
+            itertools.chain.from_iterable(
+                itertools.chain.from_iterable(p.readings for p in batch.values())
+            )
+        )
+        rejections = [r for p in batch.values() for r in p.rejections]
+        started = time.perf_counter()
+        async with pool.acquire() as conn:
+            try:
+                result = await write_rows(conn, self._flavour, readings, rejections)
+            except asyncpg.PostgresError as exc:
+                if not _is_data_error(exc):
+                    raise
+                log.warning(
+                    "batch refused by the database, storing record by record",
+                    extra={"error": repr(exc)},
+                )
+                result = await self._store_isolated(conn, batch)
+        m.WRITE_SECONDS.observe(time.perf_counter() - started)
+        m.BATCH_SIZE.observe(result.readings)
+        m.STORED.inc(result.inserted)
+        m.DUPLICATES.inc(result.readings - result.inserted)
+        m.REJECTIONS.inc(result.rejections)
+
+    async def _store_isolated(
+        self, conn: Conn, batch: dict[TopicPartition, _Pending]
+    ) -> WriteResult:
+        """One transaction per Kafka record, so one poisonous record can't block the rest."""
+        offered = inserted = rejected = 0
+        units: list[tuple[str, list[ReadingRow], list[RejectionRow]]] = []
+        for tp, p in batch.items():
+            units += [(tp.topic, rows, []) for rows in p.readings]
+            units += [(tp.topic, [], [row]) for row in p.rejections]
+        for topic, rows, rejections in units:
+            try:
+                r = await write_rows(conn, self._flavour, rows, rejections)
+            except asyncpg.PostgresError as exc:
+                if not _is_data_error(exc):
+                    raise
+                m.UNDECODABLE.labels(topic).inc()
+                log.warning(
+                    "skipped record the database refused",
+                    extra={"topic": topic, "error": repr(exc)},
+                )
+                continue
+            offered += r.readings
+            inserted += r.inserted
+            rejected += r.rejections
+        return WriteResult(offered, inserted, rejected)
+
+    async def _commit(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
+        try:
+            await consumer.commit(offsets)
+        except KafkaError as exc:
+            # The rows are in the database; whoever gets the partition re-reads them and the
+            # idempotent insert ignores them. Nothing is lost.
+            log.warning("offset commit failed", extra={"error": repr(exc)})
+
+    # -- retention ------------------------------------------------------------------------------
+
+    async def _retention_loop(self, pool: asyncpg.Pool, stop: asyncio.Event) -> None:
+        tier_list = tiers(self._settings)
+        while not stop.is_set():
+            try:
+                async with pool.acquire() as conn:
+                    deleted = await apply_retention(conn, tier_list, datetime.now(UTC))
+            except Exception as exc:
+                if not _is_transient(exc):
+                    raise
+                log.warning("retention job failed", extra={"error": repr(exc)})
+            else:
+                for table, n in deleted.items():
+                    m.RETENTION_DELETED.labels(table).inc(n)
+                if any(deleted.values()):
+                    log.info("retention job", extra={"deleted": deleted})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self._settings.retention_check_s)
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """Failures worth retrying: the database is away, slow, or not (yet) as expected."""
+    return isinstance(exc, OSError | TimeoutError | asyncpg.PostgresError | asyncpg.InterfaceError)
