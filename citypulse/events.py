@@ -57,6 +57,8 @@ class RejectReason(StrEnum):
     TS_IN_FUTURE = "ts_in_future"
     TS_TOO_OLD = "ts_too_old"
     RATE_LIMITED = "rate_limited"
+    UNSUPPORTED_VALUE = "unsupported_value"
+    """A SenML string (vs) or data (vd) value: only numbers and booleans are stored."""
 
 
 class _Record(BaseModel):

@@ -1,0 +1,283 @@
+"""The collector service: MQTT (QoS 1, shared subscription) → validate → Kafka, then ack.
+
+Bridge: paho-mqtt runs its network loop in its own thread (``loop_start``); ``on_message``
+hands each message to the asyncio loop with ``call_soon_threadsafe`` into a bounded
+``asyncio.Queue`` sized to the MQTT v5 *receive maximum* we announce, so the broker can never
+have more unacknowledged QoS 1 messages in flight than the queue holds. Paho also reconnects
+(backoff 1 s doubling to 30 s), with ``clean_start=False`` and the same client id, so the broker
+keeps our session and redelivers what was not acknowledged.
+
+Delivery: at least once. A message is acknowledged to the broker (manual ack) only after Kafka
+acknowledged the record made from it (``acks=all``): the readings, or the rejection on the
+dead-letter topic. A crash between the two makes the broker redeliver: duplicates are possible
+here, loss is not (the writer deduplicates on (sensor, metric, ts)).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as mqtt
+from aiokafka.errors import KafkaError
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from citypulse.events import ReadingBatch, Rejection
+from citypulse.registry import Registry, load_registry
+from citypulse.service import HEALTH
+from citypulse.settings import Settings
+from citypulse.topics import UP_WILDCARD, SensorTopic
+from collectors import metrics
+from collectors.errors import CollectorError
+from collectors.validate import Limits, Validator, reject_notice
+from stream import ensure_topics, make_producer
+
+log = logging.getLogger("citypulse.collectors")
+
+MAX_BATCH = 1000
+"""Messages validated and produced together before their acks are sent, at most."""
+
+
+class MqttConnectError(CollectorError):
+    """The MQTT URL or TLS settings cannot be used."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Message:
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+    generation: int
+    """MQTT connection it arrived on: an ack only makes sense on that connection."""
+
+
+def default_client_id(settings: Settings) -> str:
+    """The MQTT client id: ``settings.mqtt_client_id``, else ``collector-<hostname>``.
+
+    It must be stable across restarts, or the broker's queued session is orphaned.
+    """
+    return settings.mqtt_client_id or f"collector-{socket.gethostname()}"
+
+
+def subscription(settings: Settings) -> str:
+    """``$share/<group>/citypulse/v1/+/+/up``: the group's collectors split the messages."""
+    return f"$share/{settings.mqtt_shared_group}/{UP_WILDCARD}"
+
+
+def make_mqtt_client(settings: Settings, client_id: str, manual_ack: bool) -> tuple[Any, str, int]:
+    """A configured paho v2 client (MQTT v5, credentials, TLS for mqtts://); not connected.
+
+    Returns:
+        ``(client, host, port)``.
+    """
+    url = urlsplit(settings.mqtt_url)
+    if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
+        raise MqttConnectError(f"expected mqtt://host:port or mqtts://host:port: {url.scheme}://")
+    tls = url.scheme == "mqtts"
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=MQTTProtocolVersion.MQTTv5,
+        manual_ack=manual_ack,
+    )
+    if settings.mqtt_username is not None:
+        password = settings.mqtt_password.get_secret_value() if settings.mqtt_password else None
+        client.username_pw_set(settings.mqtt_username, password)
+    if tls:
+        ca = str(settings.mqtt_ca_file) if settings.mqtt_ca_file else None
+        client.tls_set_context(ssl.create_default_context(cafile=ca))
+    client.reconnect_delay_set(min_delay=1, max_delay=30)
+    return client, url.hostname, url.port or (8883 if tls else 1883)
+
+
+class Collector:
+    """The ``citypulse collect`` service (``async run(stop)`` for ``run_service``).
+
+    Args:
+        settings: process settings (MQTT, Kafka, limits, registry path).
+        registry: the registry to validate against; default: loaded from ``settings.registry``.
+    """
+
+    def __init__(self, settings: Settings, registry: Registry | None = None) -> None:
+        self.settings = settings
+        self.validator = Validator(
+            registry if registry is not None else load_registry(settings.registry),
+            Limits.from_settings(settings),
+        )
+        self.client_id = default_client_id(settings)
+        self._connected = False
+        self._kafka_ok = False
+        self._closing = False
+        self._generation = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: asyncio.Queue[_Message] = asyncio.Queue(settings.mqtt_receive_maximum)
+
+    # -- paho thread -----------------------------------------------------------------------
+
+    def _on_connect(
+        self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any
+    ) -> None:
+        if reason_code.is_failure:
+            log.warning("mqtt connect refused", extra={"reason": str(reason_code)})
+            return
+        self._generation += 1
+        self._connected = True
+        # Subscribing again is harmless when the session kept the subscription.
+        client.subscribe(subscription(self.settings), qos=1)
+        log.info(
+            "mqtt connected",
+            extra={"session_present": bool(flags.session_present), "client_id": self.client_id},
+        )
+
+    def _on_disconnect(
+        self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any
+    ) -> None:
+        self._connected = False
+        if not self._closing:
+            log.warning("mqtt disconnected, reconnecting", extra={"reason": str(reason_code)})
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        if self._closing or self._loop is None:
+            return  # not acked: the broker redelivers it on our next session
+        message = _Message(msg.topic, bytes(msg.payload), msg.mid, msg.qos, self._generation)
+        with contextlib.suppress(RuntimeError):  # loop closed while shutting down
+            self._loop.call_soon_threadsafe(self._enqueue, message)
+
+    # -- asyncio thread --------------------------------------------------------------------
+
+    def _enqueue(self, message: _Message) -> None:
+        try:
+            self._queue.put_nowait(message)
+        except asyncio.QueueFull:
+            # Only QoS 0 can overflow (QoS 1 is bounded by our receive maximum).
+            metrics.MESSAGES_DROPPED.inc()
+            log.warning("queue full, message dropped", extra={"topic": message.topic})
+            return
+        metrics.QUEUE_DEPTH.set(self._queue.qsize())
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Collect until ``stop`` is set, then finish in-flight work, ack, disconnect."""
+        settings = self.settings
+        self._loop = asyncio.get_running_loop()
+        log.info("collector starting", extra={"settings": settings.redacted()})
+        await ensure_topics(settings)
+        producer = make_producer(settings)
+        await producer.start()
+        self._kafka_ok = True
+        HEALTH.add("mqtt", lambda: self._connected)
+        HEALTH.add("kafka", lambda: self._kafka_ok)
+
+        client, host, port = make_mqtt_client(settings, self.client_id, manual_ack=True)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = settings.mqtt_session_expiry_s
+        props.ReceiveMaximum = settings.mqtt_receive_maximum
+        client.connect_async(host, port, keepalive=30, clean_start=False, properties=props)
+        client.loop_start()
+        try:
+            await self._consume(stop, producer, client)
+        finally:
+            self._closing = True
+            client.disconnect()
+            await asyncio.to_thread(client.loop_stop)
+            await producer.stop()
+            self._connected = False
+            self._kafka_ok = False
+            log.info("collector stopped")
+
+    async def _consume(self, stop: asyncio.Event, producer: Any, client: Any) -> None:
+        queue = self._queue
+        while True:
+            if stop.is_set():
+                # Stop taking messages; what is already queued is finished and acked.
+                self._closing = True
+                if queue.empty():
+                    return
+            try:
+                async with asyncio.timeout(0.1):
+                    first = await queue.get()
+            except TimeoutError:
+                continue
+            batch = [first]
+            while len(batch) < MAX_BATCH and not queue.empty():
+                batch.append(queue.get_nowait())
+            metrics.QUEUE_DEPTH.set(queue.qsize())
+            await self._process(batch, producer, client, stop)
+
+    async def _process(
+        self, batch: list[_Message], producer: Any, client: Any, stop: asyncio.Event
+    ) -> None:
+        settings = self.settings
+        readings_topic = settings.topic("readings")
+        deadletter_topic = settings.topic("deadletter")
+        now_ms = time.time_ns() // 1_000_000
+        verdicts: list[ReadingBatch | Rejection] = []
+        records: list[tuple[str, bytes | None, bytes]] = []
+        for m in batch:
+            verdict = self.validator.validate(m.topic, m.payload, now_ms)
+            verdicts.append(verdict)
+            if isinstance(verdict, ReadingBatch):
+                records.append((readings_topic, verdict.sensor.encode(), verdict.encode()))
+            else:
+                key = verdict.vendor.encode() if verdict.vendor else None
+                records.append((deadletter_topic, key, verdict.encode()))
+        metrics.MESSAGES_RECEIVED.inc(len(batch))
+
+        delay = 0.5
+        while True:
+            started = time.perf_counter()
+            try:
+                futures = [
+                    await producer.send(topic, value=value, key=key)
+                    for topic, key, value in records
+                ]
+                await asyncio.gather(*futures)
+            except KafkaError as exc:
+                self._kafka_ok = False
+                metrics.KAFKA_RETRIES.inc()
+                log.warning(
+                    "kafka produce failed, retrying the batch",
+                    extra={"error": repr(exc), "messages": len(batch), "retry_in_s": delay},
+                )
+                if stop.is_set():
+                    # Not acked: the broker redelivers these to the next collector session.
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            metrics.PRODUCE_SECONDS.observe(time.perf_counter() - started)
+            self._kafka_ok = True
+            break
+
+        for m, verdict in zip(batch, verdicts, strict=True):
+            if isinstance(verdict, ReadingBatch):
+                metrics.READINGS_ACCEPTED.inc(len(verdict.readings))
+            else:
+                metrics.MESSAGES_REFUSED.labels(verdict.reason.value).inc()
+                log.info(
+                    "message refused",
+                    extra={
+                        "reason": verdict.reason.value,
+                        "detail": verdict.detail,
+                        "topic": m.topic,
+                        "message_hash": verdict.message_hash,
+                    },
+                )
+                if verdict.vendor and verdict.sensor:
+                    notice = SensorTopic(verdict.vendor, verdict.sensor, "rejects")
+                    client.publish(str(notice), reject_notice(verdict), qos=1)
+            # An ack on a later connection would hit a different in-flight message.
+            if m.qos > 0 and m.generation == self._generation:
+                client.ack(m.mid, m.qos)
