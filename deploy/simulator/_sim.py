@@ -126,6 +126,11 @@ class _Cursor:
     incidents: list[Incident] = field(default_factory=list)
 
 
+def _whole_ms(t: datetime) -> datetime:
+    # Every wire format carries milliseconds; truncating here keeps encodings exact.
+    return t.replace(microsecond=t.microsecond // 1000 * 1000)
+
+
 def _rfc3339(t: datetime) -> str:
     return t.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -242,7 +247,10 @@ class Simulator:
                     self.incidents.append(self._incident(rng, start, next_incident_s))
                     next_incident_s += cfg.incident_every_s
                 n = cfg.readings_per_message
-                times = [now - timedelta(seconds=period_s * (n - 1 - j)) for j in range(n)]
+                now = _whole_ms(now)
+                times = [
+                    _whole_ms(now - timedelta(seconds=period_s * (n - 1 - j))) for j in range(n)
+                ]
                 records = [(t, values_at(sensor, t, self.incidents, rng)) for t in times]
                 yield self._encode(sensor, records, now, wall)
                 if rng.random() < cfg.malformed_fraction:
