@@ -1,0 +1,684 @@
+"""The rule engine: a pure, deterministic step function from readings and time to effects.
+
+Nothing here reads the wall clock: ``process(batch)`` evaluates at the batch's event time and
+``advance(now_ms)`` at the time the caller gives, so replaying the same inputs gives the same
+alerts and commands, byte for byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+
+from citypulse.events import AlertEvent, AlertState, CommandEvent, ReadingBatch
+from citypulse.registry import Registry, Sensor
+from rules._expr import Ctx, SensorState, Series, render_value
+from rules._load import Rule, RuleSet
+from rules._model import group_value
+
+log = logging.getLogger("citypulse.rules")
+
+SNAPSHOT_VERSION = 1
+EvalScope = Literal["sensor", "group", "all"]
+Effect = AlertEvent | CommandEvent
+
+
+class _Alert:
+    """Mutable state of one alert instance (one rule x one sensor or group value)."""
+
+    __slots__ = (
+        "active_since",
+        "keep_since",
+        "labels",
+        "last_event",
+        "level_since",
+        "severity",
+        "state",
+    )
+
+    def __init__(self, levels: int, labels: dict[str, str]) -> None:
+        self.state = AlertState.INACTIVE
+        self.active_since: int | None = None
+        self.level_since: list[int | None] = [None] * levels
+        self.severity = 0
+        self.keep_since: int | None = None
+        self.labels = labels
+        self.last_event: AlertEvent | None = None
+
+    def dump(self) -> dict[str, Any]:
+        return {
+            "state": self.state.value,
+            "active_since": self.active_since,
+            "level_since": self.level_since,
+            "severity": self.severity,
+            "keep_since": self.keep_since,
+            "labels": self.labels,
+            "last_event": None if self.last_event is None else self.last_event.model_dump(),
+        }
+
+    @classmethod
+    def load(cls, d: dict[str, Any]) -> _Alert:
+        a = cls(len(d["level_since"]), dict(d["labels"]))
+        a.state = AlertState(d["state"])
+        a.active_since = d["active_since"]
+        a.level_since = list(d["level_since"])
+        a.severity = d["severity"]
+        a.keep_since = d["keep_since"]
+        ev = d.get("last_event")
+        a.last_event = None if ev is None else AlertEvent.model_validate(ev)
+        return a
+
+
+@dataclass
+class _CommandState:
+    """Last command of one rule to one actuator setting."""
+
+    last_value: float | None = None
+    last_ts: int | None = None
+    last_suppressed: str | None = None
+
+
+class _Index:
+    """Which rules a sensor's readings can affect, built once per rule set and registry."""
+
+    def __init__(self, ruleset: RuleSet, registry: Registry) -> None:
+        self.sensors: dict[str, Sensor] = registry.by_id()
+        self.sensor_rules: dict[str, list[Rule]] = {}
+        self.group_rules: dict[str, list[tuple[Rule, str]]] = {}
+        self.members: dict[tuple[str, str], list[str]] = {}
+        self.group_keys: dict[str, list[tuple[str, str]]] = {}
+        self.retention_ms: dict[str, int] = {}
+        self.tick_sensor_rules: list[tuple[Rule, list[str]]] = []
+        self.tick_group_rules: list[tuple[Rule, list[str]]] = []
+        for rule in ruleset.rules:
+            for metric, window_s in rule.windows_s.items():
+                ms = round(window_s * 1000)
+                self.retention_ms[metric] = max(self.retention_ms.get(metric, 0), ms)
+            if rule.action is not None:
+                self.retention_ms.setdefault(rule.action.command.setting, 0)
+            covered = [s for s in registry if rule.covers(s)]
+            if rule.scope == "sensor":
+                for s in covered:
+                    self.sensor_rules.setdefault(s.id, []).append(rule)
+                if rule.uses_stale:
+                    self.tick_sensor_rules.append((rule, [s.id for s in covered]))
+                continue
+            assert rule.group_by is not None
+            groups: list[str] = []
+            for s in registry:
+                if not rule.select.matches(s):
+                    continue
+                g = group_value(s, rule.group_by)
+                if g is None:
+                    continue
+                key = (rule.name, g)
+                if key not in self.members:
+                    self.members[key] = []
+                    groups.append(g)
+                self.members[key].append(s.id)
+                self.group_rules.setdefault(s.id, []).append((rule, g))
+                keys = self.group_keys.setdefault(s.id, [])
+                if (rule.group_by, g) not in keys:
+                    keys.append((rule.group_by, g))
+            if rule.uses_stale:
+                self.tick_group_rules.append((rule, groups))
+        for keys in self.group_keys.values():
+            keys.sort()
+
+
+class RuleEngine:
+    """Evaluates a :class:`RuleSet` over readings; keeps windows, timers and alert state.
+
+    Args:
+        ruleset: compiled rules (:func:`rules.load_rules`).
+        registry: the sensor registry the rules select from.
+    """
+
+    def __init__(self, ruleset: RuleSet, registry: Registry) -> None:
+        self._ruleset = ruleset
+        self._registry = registry
+        self._index = _Index(ruleset, registry)
+        self._states: dict[str, SensorState] = {s.id: SensorState(s) for s in registry}
+        self._member_states: dict[tuple[str, str], list[SensorState]] = {}
+        self._alerts: dict[tuple[str, str], _Alert] = {}
+        self._commands: dict[tuple[str, str, str], _CommandState] = {}
+        self._unhealthy: dict[str, str] = {}
+        self._epoch_ms: int | None = None
+        self._ctx = Ctx()
+        self._link_members()
+
+    # -- public API ----------------------------------------------------------------------------
+
+    @property
+    def ruleset(self) -> RuleSet:
+        return self._ruleset
+
+    def process(self, batch: ReadingBatch, scope: EvalScope = "all") -> list[Effect]:
+        """Add a batch's readings to the windows and evaluate the rules they can affect.
+
+        Args:
+            batch: readings of one sensor; evaluation time is its latest reading's event time.
+            scope: ``"sensor"`` evaluates only per-sensor rules, ``"group"`` only group rules
+                (the runtime's two stages), ``"all"`` both. Windows are updated in every case.
+
+        Returns:
+            Alert state changes and commands, in a deterministic order.
+        """
+        st = self._states.get(batch.sensor)
+        if st is None or not batch.readings:
+            return []
+        retention = self._index.retention_ms
+        touched: set[str] = set()
+        now = batch.readings[0].ts_ms
+        for r in batch.readings:
+            now = max(now, r.ts_ms)
+            keep = retention.get(r.metric)
+            if keep is None:
+                continue  # no rule reads it: keep nothing
+            series = st.series.get(r.metric)
+            if series is None:
+                series = st.series[r.metric] = Series()
+            series.add(r.ts_ms, r.value)
+            touched.add(r.metric)
+        for metric in touched:
+            st.series[metric].trim(now - retention[metric])
+        self._clock(now)
+        if st.last_seen_ms is None or now > st.last_seen_ms:
+            st.last_seen_ms = now
+        out: list[Effect] = []
+        if scope != "group":
+            for rule in self._index.sensor_rules.get(st.sensor.id, ()):
+                if rule.uses_stale or not rule.metrics or not rule.metrics.isdisjoint(touched):
+                    self._eval_sensor(rule, st, now, out)
+        if scope != "sensor":
+            for rule, g in self._index.group_rules.get(st.sensor.id, ()):
+                if rule.uses_stale or not touched.isdisjoint(rule.windows_s):
+                    self._eval_group(rule, g, now, out)
+        return out
+
+    def advance(self, now_ms: int) -> list[Effect]:
+        """Let time pass to ``now_ms`` (epoch ms): staleness, ``for`` and ``keep_firing_for``.
+
+        Re-evaluates every pending or firing alert and every rule that uses ``stale()``.
+        """
+        self._clock(now_ms)
+        out: list[Effect] = []
+        done: set[tuple[str, str]] = set()
+        for rule, sensor_ids in self._index.tick_sensor_rules:
+            for sid in sensor_ids:
+                done.add((rule.name, sid))
+                self._eval_sensor(rule, self._states[sid], now_ms, out)
+        for rule, groups in self._index.tick_group_rules:
+            for g in groups:
+                done.add((rule.name, _group_key(rule, g)))
+                self._eval_group(rule, g, now_ms, out)
+        by_name = self._ruleset.by_name
+        for key in sorted(self._alerts):
+            if key in done:
+                continue
+            rule = by_name[key[0]]
+            if rule.scope == "sensor":
+                self._eval_sensor(rule, self._states[key[1]], now_ms, out)
+            else:
+                self._eval_group(rule, key[1].partition("=")[2], now_ms, out)
+        return out
+
+    def group_keys(self, batch: ReadingBatch) -> list[tuple[str, str]]:
+        """The ``(group_by field, group value)`` pairs whose group rules need this batch."""
+        return list(self._index.group_keys.get(batch.sensor, ()))
+
+    def unhealthy(self) -> dict[str, str]:
+        """Rules whose evaluation failed: rule name -> last error. They keep being evaluated."""
+        return dict(self._unhealthy)
+
+    def active_alerts(self) -> list[AlertEvent]:
+        """The latest event of every pending or firing alert (e.g. to re-send to Alertmanager)."""
+        return [
+            a.last_event
+            for _, a in sorted(self._alerts.items())
+            if a.last_event is not None and a.state in (AlertState.PENDING, AlertState.FIRING)
+        ]
+
+    def replace_rules(self, ruleset: RuleSet, registry: Registry | None = None) -> None:
+        """Hot reload: swap the rules (and optionally the registry).
+
+        Alerts and command state of rules whose name and definition (digest) are unchanged
+        are kept; those of changed or removed rules are dropped. Windows are kept.
+        """
+        old = self._ruleset.by_name
+        keep = {r.name for r in ruleset.rules if r.name in old and old[r.name].digest == r.digest}
+        if registry is not None and registry is not self._registry:
+            self._registry = registry
+            states = {}
+            for s in registry:
+                st = self._states.get(s.id) or SensorState(s)
+                st.sensor = s
+                states[s.id] = st
+            self._states = states
+        self._ruleset = ruleset
+        self._index = _Index(ruleset, self._registry)
+        self._link_members()
+        self._alerts = {k: v for k, v in self._alerts.items() if k[0] in keep}
+        self._alerts = {
+            k: v
+            for k, v in self._alerts.items()
+            if ruleset.by_name[k[0]].scope == "group" or k[1] in self._states
+        }
+        self._commands = {k: v for k, v in self._commands.items() if k[0] in keep}
+        self._unhealthy = {k: v for k, v in self._unhealthy.items() if k in keep}
+
+    def snapshot(self) -> bytes:
+        """The full state as versioned JSON bytes (same state -> same bytes)."""
+        sensors = {
+            sid: {
+                "last_seen_ms": st.last_seen_ms,
+                "series": {m: [s.ts, s.vals] for m, s in st.series.items() if s.ts},
+            }
+            for sid, st in self._states.items()
+            if st.last_seen_ms is not None or st.series
+        }
+        by_name = self._ruleset.by_name
+        doc = {
+            "v": SNAPSHOT_VERSION,
+            "epoch_ms": self._epoch_ms,
+            "sensors": sensors,
+            "alerts": [
+                {"rule": k[0], "key": k[1], "digest": by_name[k[0]].digest, **a.dump()}
+                for k, a in sorted(self._alerts.items())
+            ],
+            "commands": [
+                {"rule": k[0], "sensor": k[1], "setting": k[2], "digest": by_name[k[0]].digest}
+                | {"last_value": c.last_value, "last_ts": c.last_ts}
+                | {"last_suppressed": c.last_suppressed}
+                for k, c in sorted(self._commands.items())
+            ],
+            "unhealthy": self._unhealthy,
+        }
+        return orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)
+
+    def restore(self, blob: bytes) -> None:
+        """Replace the state with a :meth:`snapshot`.
+
+        State of sensors no longer in the registry and of rules that changed is dropped.
+
+        Raises:
+            RuleStateError: the blob is not a snapshot this version understands.
+        """
+        try:
+            doc = orjson.loads(blob)
+            if not isinstance(doc, dict) or doc.get("v") != SNAPSHOT_VERSION:
+                raise RuleStateError(f"unsupported snapshot version {doc.get('v')!r}")
+            by_name = self._ruleset.by_name
+            states = {s.id: SensorState(s) for s in self._registry}
+            for sid, d in doc["sensors"].items():
+                st = states.get(sid)
+                if st is None:
+                    continue
+                st.last_seen_ms = d["last_seen_ms"]
+                for metric, (ts, vals) in d["series"].items():
+                    series = Series()
+                    series.ts, series.vals = [int(t) for t in ts], [float(v) for v in vals]
+                    st.series[metric] = series
+            alerts: dict[tuple[str, str], _Alert] = {}
+            for d in doc["alerts"]:
+                rule = by_name.get(d["rule"])
+                if rule is None or rule.digest != d["digest"]:
+                    continue
+                if rule.scope == "sensor" and d["key"] not in states:
+                    continue
+                alerts[(d["rule"], d["key"])] = _Alert.load(d)
+            commands: dict[tuple[str, str, str], _CommandState] = {}
+            for d in doc["commands"]:
+                rule = by_name.get(d["rule"])
+                if rule is None or rule.digest != d["digest"]:
+                    continue
+                commands[(d["rule"], d["sensor"], d["setting"])] = _CommandState(
+                    d["last_value"], d["last_ts"], d["last_suppressed"]
+                )
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise RuleStateError(f"bad snapshot: {exc!r}") from exc
+        self._states = states
+        self._link_members()
+        self._alerts = alerts
+        self._commands = commands
+        self._epoch_ms = doc["epoch_ms"]
+        self._unhealthy = {k: v for k, v in doc["unhealthy"].items() if k in by_name}
+
+    # -- evaluation ----------------------------------------------------------------------------
+
+    def _clock(self, now_ms: int) -> None:
+        if self._epoch_ms is None:
+            self._epoch_ms = now_ms
+        self._ctx.epoch_ms = self._epoch_ms
+
+    def _link_members(self) -> None:
+        self._member_states = {
+            key: [self._states[sid] for sid in sids] for key, sids in self._index.members.items()
+        }
+
+    def _eval_sensor(self, rule: Rule, st: SensorState, now: int, out: list[Effect]) -> None:
+        c = self._ctx
+        c.now_ms, c.sensor, c.series, c.last_seen_ms = now, st.sensor, st.series, st.last_seen_ms
+        c.members = ()
+        self._evaluate(rule, st.sensor.id, now, out)
+
+    def _eval_group(self, rule: Rule, g: str, now: int, out: list[Effect]) -> None:
+        c = self._ctx
+        c.now_ms, c.sensor, c.series, c.last_seen_ms = now, None, {}, None
+        c.members = self._member_states.get((rule.name, g), ())
+        self._evaluate(rule, _group_key(rule, g), now, out)
+
+    def _evaluate(self, rule: Rule, key: str, now: int, out: list[Effect]) -> None:
+        c = self._ctx
+        c.record = None
+        try:
+            conds = [lv.cond.fn(c) is True for lv in rule.levels]
+            alert = self._alerts.get((rule.name, key))
+            if alert is None:
+                if not any(conds):
+                    return  # the common case: nothing to do, nothing allocated
+                alert = _Alert(len(rule.levels), self._labels(rule, key))
+                self._alerts[(rule.name, key)] = alert
+            clear = None
+            if rule.clear is not None and alert.state is AlertState.FIRING:
+                clear = rule.clear.fn(c) is True
+            changed = _step(rule, alert, conds, clear, now)
+            if changed and rule.action is None:
+                out.append(self._event(rule, alert, now))
+            if alert.state is AlertState.FIRING and rule.action is not None:
+                self._act(rule, key, now, out)
+            if alert.state in (AlertState.INACTIVE, AlertState.RESOLVED):
+                del self._alerts[(rule.name, key)]
+        except Exception as exc:  # one broken rule must not stop the others
+            msg = f"{type(exc).__name__}: {exc} (at {key})"
+            if self._unhealthy.get(rule.name) != msg:
+                log.warning(
+                    "rule evaluation failed", extra={"rule": rule.name, "key": key, "error": msg}
+                )
+            self._unhealthy[rule.name] = msg
+        finally:
+            c.record = None
+
+    def _labels(self, rule: Rule, key: str) -> dict[str, str]:
+        labels = {"alertname": rule.name, **rule.labels}
+        if rule.scope == "sensor":
+            s = self._states[key].sensor
+            labels.update(
+                sensor=s.id, vendor=s.vendor, silo=str(s.silo), district=s.district, asset=s.asset
+            )
+        else:
+            field, _, value = key.partition("=")
+            labels[field.removeprefix("labels.")] = value
+        return labels
+
+    def _event(self, rule: Rule, alert: _Alert, now: int) -> AlertEvent:
+        c = self._ctx
+        values: dict[str, float] = {}
+        c.record = values
+        for lv in rule.levels:
+            lv.cond.fn(c)
+        if rule.clear is not None:
+            rule.clear.fn(c)
+        c.record = None
+        severity = rule.levels[alert.severity].name
+        annotations = {
+            k: self._render(parts, rule, alert, severity) for k, parts in rule.annotations.items()
+        }
+        ev = AlertEvent(
+            fingerprint=fingerprint(rule.name, alert.labels),
+            rule=rule.name,
+            rule_version=rule.version,
+            group=rule.group,
+            state=alert.state,
+            severity=severity,
+            labels=alert.labels,
+            annotations=annotations,
+            values={k: values[k] for k in sorted(values)},
+            window_s=rule.window_s,
+            active_since_ms=alert.active_since,
+            ts_ms=now,
+            evaluated_ms=now,
+        )
+        alert.last_event = ev
+        return ev
+
+    def _render(self, parts: Iterable[Any], rule: Rule, alert: _Alert, severity: str) -> str:
+        out: list[str] = []
+        for kind, text, comp in parts:
+            if kind == "text":
+                out.append(text)
+            elif kind == "field":
+                out.append(_field(text, rule, alert, severity))
+            else:
+                v = comp.fn(self._ctx)
+                out.append(
+                    "n/a"
+                    if v is None
+                    else str(v).lower()
+                    if isinstance(v, bool)
+                    else render_value(v)
+                )
+        return "".join(out)
+
+    def _act(self, rule: Rule, key: str, now: int, out: list[Effect]) -> None:
+        action = rule.action
+        assert action is not None
+        assert rule.action_value is not None
+        raw = rule.action_value.fn(self._ctx)
+        if raw is None or isinstance(raw, bool):
+            return
+        cmd = action.command
+        if rule.scope == "sensor":
+            targets = (
+                [self._states[cmd.sensor or key].sensor]
+                if (cmd.sensor or key) in self._states
+                else []
+            )
+        else:
+            field, _, g = key.partition("=")
+            targets = [
+                st.sensor
+                for st in self._states.values()
+                if st.sensor.actuator
+                and group_value(st.sensor, field) == g
+                and (cmd.sensor is None or st.sensor.id == cmd.sensor)
+                and (cmd.select is None or cmd.select.matches(st.sensor))
+            ]
+        for target in targets:
+            if not target.actuator:
+                raise RuleEvalError(f"sensor {target.id} is not an actuator")
+            ev = self._command(rule, target, float(raw), now)
+            if ev is not None:
+                out.append(ev)
+
+    def _command(self, rule: Rule, target: Sensor, raw: float, now: int) -> CommandEvent | None:
+        action = rule.action
+        assert action is not None
+        g = action.guardrails
+        setting = action.command.setting
+        cs = self._commands.setdefault((rule.name, target.id, setting), _CommandState())
+        reported = self._states[target.id].series.get(setting)
+        previous = reported.last(now) if reported is not None else None
+        if previous is None:
+            previous = cs.last_value
+        value, reasons = raw, []
+        lo, hi = g.min, g.max
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            if g.out_of_range == "refuse":
+                return self._suppress(
+                    rule,
+                    target,
+                    cs,
+                    raw,
+                    previous,
+                    now,
+                    f"out of range: {render_value(raw)} not in "
+                    f"[{_bound(lo, '-inf')}, {_bound(hi, '+inf')}]",
+                )
+            value = min(
+                max(value, lo if lo is not None else value), hi if hi is not None else value
+            )
+            reasons.append(f"clamped from {render_value(raw)}")
+        if previous is not None and value == previous:
+            cs.last_suppressed = None
+            return None  # already there: nothing to command
+        cooldown_ms = round(g.cooldown.total_seconds() * 1000)
+        if cooldown_ms and cs.last_ts is not None and now - cs.last_ts < cooldown_ms:
+            wait_s = (cs.last_ts + cooldown_ms - now) / 1000
+            return self._suppress(
+                rule, target, cs, value, previous, now, f"cooldown: {render_value(wait_s)}s left"
+            )
+        if g.max_change_per_min is not None and previous is not None:
+            # Without an earlier command there is no time base: allow one minute's change.
+            minutes = 1.0 if cs.last_ts is None else max(0.0, (now - cs.last_ts) / 60000)
+            step = g.max_change_per_min * minutes
+            if abs(value - previous) > step:
+                value = previous + step if value > previous else previous - step
+                reasons.append(f"rate limited to {render_value(g.max_change_per_min)}/min")
+                if value == previous:
+                    return None
+        cs.last_value, cs.last_ts, cs.last_suppressed = value, now, None
+        return CommandEvent(
+            command_id=_command_id(rule.name, target.id, setting, now),
+            rule=rule.name,
+            rule_version=rule.version,
+            sensor=target.id,
+            vendor=target.vendor,
+            setting=setting,
+            value=value,
+            previous=previous,
+            status="dry_run" if action.dry_run else "sent",
+            reason="; ".join(reasons) or None,
+            ts_ms=now,
+        )
+
+    def _suppress(
+        self,
+        rule: Rule,
+        target: Sensor,
+        cs: _CommandState,
+        value: float,
+        previous: float | None,
+        now: int,
+        reason: str,
+    ) -> CommandEvent | None:
+        # A suppression is reported once, not at every evaluation while it lasts.
+        kind = reason.split(":")[0] + f"@{value!r}"
+        if cs.last_suppressed == kind:
+            return None
+        cs.last_suppressed = kind
+        assert rule.action is not None
+        return CommandEvent(
+            command_id=_command_id(rule.name, target.id, rule.action.command.setting, now),
+            rule=rule.name,
+            rule_version=rule.version,
+            sensor=target.id,
+            vendor=target.vendor,
+            setting=rule.action.command.setting,
+            value=value,
+            previous=previous,
+            status="suppressed",
+            reason=reason,
+            ts_ms=now,
+        )
+
+
+class RuleStateError(Exception):
+    """A snapshot could not be restored."""
+
+
+class RuleEvalError(Exception):
+    """A rule failed at evaluation time (reported through :meth:`RuleEngine.unhealthy`)."""
+
+
+def _step(rule: Rule, a: _Alert, conds: list[bool], clear: bool | None, now: int) -> bool:
+    """Advance one alert's state machine; return whether an event is due."""
+    for i, ok in enumerate(conds):
+        if not ok:
+            a.level_since[i] = None
+        elif a.level_since[i] is None:
+            a.level_since[i] = now
+    qualified = [
+        i
+        for i, since in enumerate(a.level_since)
+        if since is not None and now - since >= rule.levels[i].for_ms
+    ]
+    active = any(conds)
+    state = a.state
+    if state is AlertState.INACTIVE:
+        if not active:
+            return False
+        a.active_since = now
+        if qualified:
+            a.state, a.severity = AlertState.FIRING, qualified[-1]
+        else:
+            a.state, a.severity = AlertState.PENDING, max(i for i, ok in enumerate(conds) if ok)
+        return True
+    if state is AlertState.PENDING:
+        if not active:
+            a.state = AlertState.INACTIVE
+            return True
+        if qualified:
+            a.state, a.severity = AlertState.FIRING, qualified[-1]
+            return True
+        return False
+    # FIRING
+    resolve = clear if rule.clear is not None else not active
+    if resolve:
+        if rule.keep_firing_for_ms:
+            if a.keep_since is None:
+                a.keep_since = now
+            resolve = now - a.keep_since >= rule.keep_firing_for_ms
+    else:
+        a.keep_since = None
+    if resolve:
+        a.state = AlertState.RESOLVED
+        return True
+    # Still firing: the highest level that held long enough; between the condition and the
+    # clear condition (hysteresis band) the lowest level.
+    severity = qualified[-1] if qualified else 0
+    if a.keep_since is not None:
+        severity = a.severity  # kept firing: keep the severity it had
+    if severity != a.severity:
+        a.severity = severity
+        return True
+    return False
+
+
+def _group_key(rule: Rule, g: str) -> str:
+    return f"{rule.group_by}={g}"
+
+
+def _field(name: str, rule: Rule, alert: _Alert, severity: str) -> str:
+    if name.startswith("labels."):
+        return alert.labels.get(name.removeprefix("labels."), "")
+    if name == "rule":
+        return rule.name
+    if name == "severity":
+        return severity
+    if name == "group_by":
+        return rule.group_by or ""
+    if name == "group":
+        if rule.group_by is None:
+            return ""
+        return alert.labels.get(rule.group_by.removeprefix("labels."), "")
+    return alert.labels.get(name, "") if rule.scope == "sensor" else ""
+
+
+def _bound(v: float | None, missing: str) -> str:
+    return missing if v is None else render_value(v)
+
+
+def fingerprint(rule: str, labels: dict[str, str]) -> str:
+    """Stable alert identity: hash of the rule name and the sorted alert labels (hex, 16)."""
+    raw = orjson.dumps([rule, sorted(labels.items())])
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def _command_id(rule: str, sensor: str, setting: str, ts_ms: int) -> str:
+    return hashlib.sha256(f"{rule}|{sensor}|{setting}|{ts_ms}".encode()).hexdigest()[:20]
