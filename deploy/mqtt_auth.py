@@ -5,8 +5,9 @@
 * ``passwd``: one account per vendor plus ``collector`` and ``rules``, hashed the way
   ``mosquitto_passwd`` does (``$7$``: PBKDF2-HMAC-SHA512, base64 salt and hash);
 * ``acl``: what each account may publish and read (a vendor only its own topics);
-* ``credentials.json``, ``collector.env``, ``rules.env``: the generated plain-text passwords,
-  mode 0600, for the services and for handing to each vendor. Keep them secret.
+* ``credentials.json``, ``collector.env``, ``rules.env``, ``compose.env`` (the variables
+  ``deploy/compose.yaml`` reads): the generated plain-text passwords, mode 0600, for the
+  services and for handing to each vendor. Keep them secret.
 """
 
 from __future__ import annotations
@@ -137,6 +138,12 @@ def write_mqtt_auth(
             f"CITYPULSE_MQTT_USERNAME={service}\nCITYPULSE_MQTT_PASSWORD={creds[service]}\n",
         )
         env_files[service] = path
+    compose_env = out / "compose.env"
+    _write_secret(
+        compose_env,
+        "".join(f"{svc.upper()}_MQTT_PASSWORD={creds[svc]}\n" for svc in SERVICE_ACCOUNTS),
+    )
+    env_files["compose"] = compose_env
     return MqttAuthFiles(password_file, acl_file, credentials_json, env_files)
 
 
