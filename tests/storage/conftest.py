@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 
@@ -53,7 +54,8 @@ SENSORS = {
     "wtr-north-002": ("pressure",),
     "air-harbour-001": ("pm25",),
 }
-T0_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
+# Recent, whole hour: inside every retention horizon, so the writer's retention job keeps it.
+T0_MS = (int(time.time()) // 3600 - 2) * 3600 * 1000
 
 
 @pytest.fixture
