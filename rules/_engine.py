@@ -524,6 +524,8 @@ class RuleEngine:
                 max(value, lo if lo is not None else value), hi if hi is not None else value
             )
             reasons.append(f"clamped from {render_value(raw)}")
+        if cs.last_ts is not None and now <= cs.last_ts:
+            return None  # already commanded at this instant (several evaluations share a time)
         if previous is not None and value == previous:
             cs.last_suppressed = None
             return None  # already there: nothing to command

@@ -1,0 +1,126 @@
+"""The state changelog: snapshots of per-partition engine state on ``{prefix}.rules-state``.
+
+Each record is keyed ``"{stage}:{partition}"`` and holds the engine snapshot together with the
+next input offset it corresponds to, so a worker taking over a partition restores the state and
+seeks to exactly where that state stops. The topic is meant to be compacted (latest per key);
+the reader does not rely on it: it reads the whole topic and keeps the latest record per key.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from citypulse.events import AlertEvent
+from citypulse.settings import Settings
+from stream import client_options
+
+STATE_TOPIC = "rules-state"
+REKEY_TOPIC = "rules-rekey"
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """What a partition's worker needs to resume exactly where another stopped.
+
+    Attributes:
+        stage: ``"sensor"`` (readings) or ``"group"`` (re-key topic).
+        partition: input partition number.
+        offset: next input offset to read (everything before it is in ``engine``).
+        engine: the engine's own snapshot bytes.
+        clock_ms: the partition's event-time clock, epoch ms.
+        firing: firing alerts being (re-)sent to Alertmanager, by fingerprint.
+        quiet: firing alerts held back by a maintenance window, with the window's end (ms).
+        seen: group stage only: highest origin offset applied per ``"{partition}|{key}"``.
+    """
+
+    stage: str
+    partition: int
+    offset: int
+    engine: bytes
+    clock_ms: int = 0
+    firing: dict[str, AlertEvent] = field(default_factory=dict)
+    quiet: dict[str, tuple[AlertEvent, int]] = field(default_factory=dict)
+    seen: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return f"{self.stage}:{self.partition}"
+
+    def encode(self) -> bytes:
+        return orjson.dumps(
+            {
+                "v": 1,
+                "stage": self.stage,
+                "partition": self.partition,
+                "offset": self.offset,
+                "engine": base64.b64encode(self.engine).decode(),
+                "clock_ms": self.clock_ms,
+                "firing": [e.model_dump(mode="json") for e in self.firing.values()],
+                "quiet": [
+                    {"event": e.model_dump(mode="json"), "until_ms": u}
+                    for e, u in self.quiet.values()
+                ],
+                "seen": self.seen,
+            }
+        )
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Snapshot:
+        d = orjson.loads(raw)
+        firing = [AlertEvent.model_validate(e) for e in d.get("firing", [])]
+        quiet = [(AlertEvent.model_validate(q["event"]), int(q["until_ms"])) for q in d["quiet"]]
+        return cls(
+            stage=d["stage"],
+            partition=int(d["partition"]),
+            offset=int(d["offset"]),
+            engine=base64.b64decode(d["engine"]),
+            clock_ms=int(d.get("clock_ms", 0)),
+            firing={e.fingerprint: e for e in firing},
+            quiet={e.fingerprint: (e, u) for e, u in quiet},
+            seen={str(k): int(v) for k, v in d.get("seen", {}).items()},
+        )
+
+
+async def read_snapshots(settings: Settings, keys: Iterable[str]) -> dict[str, Snapshot]:
+    """The latest snapshot of each of ``keys`` (absent when none was ever written)."""
+    wanted = set(keys)
+    if not wanted:
+        return {}
+    topic = settings.topic(STATE_TOPIC)
+    consumer = AIOKafkaConsumer(
+        **client_options(settings),
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
+    )
+    await consumer.start()
+    out: dict[str, Snapshot] = {}
+    try:
+        await consumer.topics()  # fetch metadata of every topic, ours included
+        parts = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        if not tps:
+            return {}
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        todo = {tp for tp in tps if ends[tp] > 0}
+        while todo:
+            batches = await consumer.getmany(*todo, timeout_ms=500)
+            for records in batches.values():
+                for rec in records:
+                    key = rec.key.decode() if rec.key else ""
+                    if key in wanted and rec.value is not None:
+                        out[key] = Snapshot.decode(rec.value)
+            for tp in list(todo):
+                if await consumer.position(tp) >= ends[tp]:
+                    todo.discard(tp)
+    finally:
+        await consumer.stop()
+    return out

@@ -1,0 +1,568 @@
+"""The rule worker: two consumer-group stages, per-partition engines, checkpoints, sinks.
+
+Stage ``sensor`` consumes ``{prefix}.readings`` (keyed by sensor) in group ``{prefix}-rules``,
+evaluates per-sensor rules and re-publishes each batch on ``{prefix}.rules-rekey`` once per
+group key (``"district=north"``) the batch feeds. Stage ``group`` consumes the re-key topic in
+group ``{prefix}-rules-groups`` and evaluates the group rules, whose state therefore lives with
+the group key's partition. Each input partition has its own engine instance; its state is
+checkpointed to ``{prefix}.rules-state`` (see :mod:`rules.runtime.changelog` and README.md).
+
+The only wall-clock reader is the ticker (:meth:`_Stage.tick`): it calls ``engine.advance(now)``
+so staleness and ``for`` timers progress when no reading arrives, and drives Alertmanager
+re-sends. Everything else runs on event time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import signal
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
+from pydantic import ValidationError
+
+from citypulse.events import AlertEvent, AlertState, CommandEvent, ReadingBatch
+from citypulse.registry import Registry, load_registry
+from citypulse.service import HEALTH
+from citypulse.settings import Settings
+from citypulse.yamlsrc import YamlSourceError
+from rules.runtime import metrics
+from rules.runtime.alertmanager import AlertmanagerClient
+from rules.runtime.changelog import REKEY_TOPIC, STATE_TOPIC, Snapshot, read_snapshots
+from rules.runtime.errors import AlertmanagerError, RuntimeFault
+from rules.runtime.maintenance import Maintenance
+from rules.runtime.sinks import MqttPublisher, Sinks
+from rules.runtime.source import Loaded, RuleSource
+from stream import ensure_topics, make_consumer, make_producer
+
+log = logging.getLogger("citypulse.rules.runtime")
+
+Effect = AlertEvent | CommandEvent
+
+
+def wall_ms() -> int:
+    """The wall clock, epoch ms. Only the ticker calls this (staleness, re-sends)."""
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerOptions:
+    """Tuning of a :class:`RuleWorker`; units in the names.
+
+    Attributes:
+        checkpoint_records: snapshot a partition after this many input records.
+        checkpoint_s: ... or after this many seconds with unsnapshotted records.
+        tick_s: how often the ticker advances engines to the wall clock; 0 = never (replay
+            then depends on event time only, as in tests and backtests).
+        resend_s: how often firing alerts are re-sent to Alertmanager.
+        reload_poll_s: how often rule files are checked for changes; 0 = only on SIGHUP.
+        max_poll_records: records fetched per poll, at most (bounds memory per step).
+    """
+
+    checkpoint_records: int = 1000
+    checkpoint_s: float = 5.0
+    tick_s: float = 1.0
+    resend_s: float = 60.0
+    reload_poll_s: float = 1.0
+    max_poll_records: int = 500
+
+
+@dataclass(slots=True)
+class _Part:
+    """One input partition's engine and bookkeeping (what a snapshot holds)."""
+
+    partition: int
+    engine: Any
+    offset: int = -1
+    clock_ms: int = 0
+    firing: dict[str, AlertEvent] = field(default_factory=dict)
+    quiet: dict[str, tuple[AlertEvent, int]] = field(default_factory=dict)
+    seen: dict[str, int] = field(default_factory=dict)
+    dirty: int = 0
+    last_checkpoint: float = field(default_factory=time.monotonic)
+
+
+def rekey_record(key: str, partition: int, offset: int, batch: ReadingBatch) -> bytes:
+    """Value of a re-key record: the batch plus its group key and where it came from."""
+    return orjson.dumps(
+        {"v": 1, "key": key, "origin": [partition, offset], "batch": batch.model_dump(mode="json")}
+    )
+
+
+def _process_group(engine: Any, batch: ReadingBatch, key: str, registry: Registry) -> list[Effect]:
+    """Group-rule effects of ``batch`` for the one group ``key`` (``"field=value"``) only.
+
+    A batch feeding several groups arrives once per group key, possibly in different
+    partitions; each partition's engine then only sees part of the other groups' members, so
+    effects of groups other than ``key`` are dropped here: the partition that owns that key
+    emits them. (An engine accepting ``group_key`` is told directly.)
+    """
+    params = inspect.signature(engine.process).parameters
+    if "group_key" in params:
+        return list(engine.process(batch, scope="group", group_key=key))
+    effects = engine.process(batch, scope="group")
+    by_name = engine.ruleset.by_name
+    sensors = registry.by_id()
+    field_, _, value = key.partition("=")
+    out: list[Effect] = []
+    for e in effects:
+        rule = by_name.get(e.rule)
+        if rule is None or rule.group_by != field_:
+            continue
+        if isinstance(e, AlertEvent):
+            if e.labels.get(field_.removeprefix("labels.")) == value:
+                out.append(e)
+        else:
+            target = sensors.get(e.sensor)
+            if target is not None and _group_value(target, field_) == value:
+                out.append(e)
+    return out
+
+
+def _group_value(sensor: Any, group_by: str) -> str | None:
+    if group_by.startswith("labels."):
+        return sensor.labels.get(group_by.removeprefix("labels."))  # type: ignore[no-any-return]
+    if group_by == "sensor":
+        return sensor.id  # type: ignore[no-any-return]
+    return str(getattr(sensor, group_by, "")) or None
+
+
+class _Stage(ConsumerRebalanceListener):  # type: ignore[misc]
+    """One consumer-group stage with one engine per assigned partition."""
+
+    def __init__(self, worker: RuleWorker, name: str, topic: str, group_id: str) -> None:
+        self.w = worker
+        self.name = name
+        self.topic = topic
+        self.group_id = group_id
+        self.parts: dict[int, _Part] = {}
+        self.lock = asyncio.Lock()
+        self.consumer: AIOKafkaConsumer | None = None
+        self.running = False
+
+    # -- rebalance ----------------------------------------------------------------------------
+    async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
+        async with self.lock:
+            mine = [self.parts[tp.partition] for tp in revoked if tp.partition in self.parts]
+            await self._checkpoint(mine, force=True)
+            for tp in revoked:
+                self.parts.pop(tp.partition, None)
+        log.info("partitions revoked", extra={"stage": self.name, "partitions": len(revoked)})
+
+    async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
+        assert self.consumer is not None
+        async with self.lock:
+            new = [tp for tp in assigned if tp.partition not in self.parts]
+            snaps = await read_snapshots(
+                self.w.settings, (f"{self.name}:{tp.partition}" for tp in new)
+            )
+            for tp in new:
+                engine = self.w.new_engine()
+                snap = snaps.get(f"{self.name}:{tp.partition}")
+                part = _Part(tp.partition, engine)
+                if snap is not None:
+                    engine.restore(snap.engine)
+                    part.offset = snap.offset
+                    part.clock_ms = snap.clock_ms
+                    part.firing = snap.firing
+                    part.quiet = snap.quiet
+                    part.seen = snap.seen
+                    self.consumer.seek(tp, snap.offset)
+                self.parts[tp.partition] = part
+            log.info(
+                "partitions assigned",
+                extra={
+                    "stage": self.name,
+                    "partitions": [tp.partition for tp in new],
+                    "restored": sorted(snaps),
+                },
+            )
+
+    # -- main loop ----------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        self.consumer = make_consumer(
+            self.w.settings,
+            group_id=self.group_id,
+            max_poll_records=self.w.options.max_poll_records,
+        )
+        self.consumer.subscribe([self.topic], listener=self)
+        await self.consumer.start()
+        self.running = True
+        try:
+            while not stop.is_set():
+                batches = await self.consumer.getmany(timeout_ms=200)
+                async with self.lock:
+                    for tp, records in batches.items():
+                        part = self.parts.get(tp.partition)
+                        if part is not None:
+                            await self._handle(part, records)
+                    await self._checkpoint(list(self.parts.values()), force=False)
+        finally:
+            self.running = False
+            async with self.lock:
+                with contextlib.suppress(Exception):
+                    await self._checkpoint(list(self.parts.values()), force=True)
+            await self.consumer.stop()
+
+    async def _handle(self, part: _Part, records: Sequence[Any]) -> None:
+        effects: list[Effect] = []
+        rekeys: list[Any] = []
+        for rec in records:
+            if rec.offset < part.offset:
+                continue  # fetched before a seek back to a snapshot: already applied
+            part.offset = rec.offset + 1
+            part.dirty += 1
+            started = time.perf_counter()
+            try:
+                if self.name == "sensor":
+                    batch = ReadingBatch.decode(rec.value)
+                    out = list(part.engine.process(batch, scope="sensor"))
+                    for fld, value in part.engine.group_keys(batch):
+                        key = f"{fld}={value}"
+                        payload = rekey_record(key, part.partition, rec.offset, batch)
+                        rekeys.append(
+                            await self.w.producer.send(
+                                self.w.rekey_topic, payload, key=key.encode()
+                            )
+                        )
+                else:
+                    env = orjson.loads(rec.value)
+                    key, (o_part, o_off) = env["key"], env["origin"]
+                    seen_key = f"{o_part}|{key}"
+                    if part.seen.get(seen_key, -1) >= o_off:
+                        continue  # a replayed re-key record: this batch is already applied
+                    part.seen[seen_key] = o_off
+                    batch = ReadingBatch.model_validate(env["batch"])
+                    out = _process_group(part.engine, batch, key, self.w.registry)
+            except (ValidationError, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                log.warning(
+                    "undecodable record skipped",
+                    extra={"stage": self.name, "partition": part.partition, "offset": rec.offset},
+                )
+                continue
+            metrics.EVALUATIONS.labels(self.name).inc()
+            metrics.EVALUATION_SECONDS.labels(self.name).observe(time.perf_counter() - started)
+            part.clock_ms = max([part.clock_ms, *(r.ts_ms for r in batch.readings)])
+            effects.extend(out)
+        if rekeys:
+            await asyncio.gather(*rekeys)
+        await self.w.emit(part, effects)
+
+    async def tick(self, now_ms: int, resend: bool) -> None:
+        """Advance every engine to ``now_ms`` (wall clock), emit, and re-send firing alerts."""
+        async with self.lock:
+            for part in list(self.parts.values()):
+                started = time.perf_counter()
+                effects = list(part.engine.advance(now_ms))
+                metrics.EVALUATION_SECONDS.labels(self.name).observe(time.perf_counter() - started)
+                part.clock_ms = max(part.clock_ms, now_ms)
+                await self.w.emit(part, effects)
+                if resend and part.firing:
+                    await self.w.notify(list(part.firing.values()), now_ms)
+
+    async def _checkpoint(self, parts: Sequence[_Part], force: bool) -> None:
+        """Snapshot then commit: effects of these records are already delivered."""
+        now = time.monotonic()
+        due = [
+            p
+            for p in parts
+            if p.offset >= 0
+            and (
+                (force and p.dirty)
+                or p.dirty >= self.w.options.checkpoint_records
+                or (p.dirty and now - p.last_checkpoint >= self.w.options.checkpoint_s)
+            )
+        ]
+        if not due:
+            return
+        for p in due:
+            snap = Snapshot(
+                self.name,
+                p.partition,
+                p.offset,
+                p.engine.snapshot(),
+                p.clock_ms,
+                dict(p.firing),
+                dict(p.quiet),
+                dict(p.seen),
+            )
+            await self.w.producer.send_and_wait(
+                self.w.state_topic, snap.encode(), key=snap.key.encode()
+            )
+            p.dirty = 0
+            p.last_checkpoint = now
+            metrics.CHECKPOINTS.labels(self.name).inc()
+        assert self.consumer is not None
+        try:
+            await self.consumer.commit(
+                {TopicPartition(self.topic, p.partition): p.offset for p in due}
+            )
+        except KafkaError as exc:
+            # The snapshot already holds the offset; the commit only serves lag monitoring
+            # and the no-snapshot fallback, so a commit lost to a rebalance is harmless.
+            log.warning("offset commit failed", extra={"stage": self.name, "error": str(exc)})
+
+
+class RuleWorker:
+    """``citypulse rules run``: the service (``async run(stop)``) evaluating rules on Kafka.
+
+    Args:
+        settings: process settings.
+        options: tuning (checkpoint cadence, ticker, re-sends, reload polling).
+        source: where rules come from (default: ``settings.rules`` and ``settings.registry``).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        options: WorkerOptions | None = None,
+        source: RuleSource | None = None,
+    ) -> None:
+        self.settings = settings
+        self.options = options or WorkerOptions()
+        self.registry: Registry = source.registry if source else load_registry(settings.registry)
+        self.source = source or RuleSource(settings.rules, self.registry)
+        self.loaded: Loaded = self.source.load()
+        self.rekey_topic = settings.topic(REKEY_TOPIC)
+        self.state_topic = settings.topic(STATE_TOPIC)
+        self.alertmanager = (
+            AlertmanagerClient(settings.alertmanager_url, resend_interval_s=self.options.resend_s)
+            if settings.alertmanager_url
+            else None
+        )
+        self.stages = [
+            _Stage(self, "sensor", settings.topic("readings"), f"{settings.topic_prefix}-rules"),
+            _Stage(self, "group", self.rekey_topic, f"{settings.topic_prefix}-rules-groups"),
+        ]
+        self._reload = asyncio.Event()
+        self._producer: AIOKafkaProducer | None = None
+        self._sinks: Sinks | None = None
+
+    @property
+    def producer(self) -> AIOKafkaProducer:
+        assert self._producer is not None, "worker not started"
+        return self._producer
+
+    @property
+    def maintenance(self) -> Maintenance:
+        return self.loaded.maintenance
+
+    def new_engine(self) -> Any:
+        from rules import RuleEngine
+
+        return RuleEngine(self.loaded.ruleset, self.registry)
+
+    # -- effects ------------------------------------------------------------------------------
+    async def emit(self, part: _Part, effects: Sequence[Effect]) -> None:
+        """Deliver effects (maintenance applied), notify Alertmanager, re-wake quiet alerts."""
+        assert self._sinks is not None
+        alerts = [self._maintain(part, e) for e in effects if isinstance(e, AlertEvent)]
+        commands = [e for e in effects if isinstance(e, CommandEvent)]
+        await self._sinks.alerts(alerts)
+        await self._sinks.commands(commands)
+        wake = self._rewake(part)
+        to_send = [
+            a for a in alerts if a.notify and a.state in (AlertState.FIRING, AlertState.RESOLVED)
+        ]
+        await self.notify([*to_send, *wake], part.clock_ms)
+        metrics.ALERTS.labels("firing").set(
+            sum(len(p.firing) for s in self.stages for p in s.parts.values())
+        )
+        metrics.ALERTS.labels("quiet").set(
+            sum(len(p.quiet) for s in self.stages for p in s.parts.values())
+        )
+
+    def _maintain(self, part: _Part, a: AlertEvent) -> AlertEvent:
+        fp = a.fingerprint
+        window = self.maintenance.active(a.labels, a.ts_ms)
+        if a.state == AlertState.FIRING:
+            if window is not None:
+                a = a.model_copy(update={"notify": False})
+                part.quiet[fp] = (a, window[1])
+                part.firing.pop(fp, None)
+                metrics.SUPPRESSED.inc()
+            elif a.notify:
+                part.firing[fp] = a
+                part.quiet.pop(fp, None)
+            return a
+        if a.state in (AlertState.RESOLVED, AlertState.INACTIVE):
+            part.firing.pop(fp, None)
+            part.quiet.pop(fp, None)
+        if window is not None and a.notify:
+            metrics.SUPPRESSED.inc()
+            return a.model_copy(update={"notify": False})
+        return a
+
+    def _rewake(self, part: _Part) -> list[AlertEvent]:
+        """Move alerts between quiet and firing as windows open and close (event time)."""
+        now = part.clock_ms
+        woken: list[AlertEvent] = []
+        for fp, (event, until) in list(part.quiet.items()):
+            if until > now:
+                continue
+            window = self.maintenance.active(event.labels, now)
+            if window is not None:
+                part.quiet[fp] = (event, window[1])
+                continue
+            del part.quiet[fp]
+            live = event.model_copy(update={"notify": True})
+            part.firing[fp] = live
+            woken.append(live)
+        for fp, event in list(part.firing.items()):
+            window = self.maintenance.active(event.labels, now)
+            if window is not None:
+                del part.firing[fp]
+                part.quiet[fp] = (event, window[1])
+        if woken:
+            log.info("maintenance over: re-notifying", extra={"alerts": len(woken)})
+        return woken
+
+    async def notify(self, events: Sequence[AlertEvent], now_ms: int) -> None:
+        """POST to Alertmanager; a failure is logged and counted (re-sends retry firing ones)."""
+        if self.alertmanager is None or not events:
+            return
+        try:
+            sent = await self.alertmanager.post(events, now_ms)
+            metrics.NOTIFICATIONS.labels("sent").inc(sent)
+        except AlertmanagerError as exc:
+            metrics.NOTIFICATIONS.labels("failed").inc(len(events))
+            log.warning("alertmanager post failed", extra={"error": str(exc)})
+
+    # -- reload -------------------------------------------------------------------------------
+    def request_reload(self) -> None:
+        """Ask for a reload at the next chance (what SIGHUP does)."""
+        self._reload.set()
+
+    async def reload(self) -> bool:
+        """Reload rules if their files changed; refuse invalid ones (old rules stay in force)."""
+        if self.source.fingerprint() == self.loaded.fingerprint:
+            return False
+        try:
+            loaded = self.source.load()
+        except (YamlSourceError, RuntimeFault, Exception) as exc:
+            problems = getattr(exc, "problems", None) or [exc]
+            for problem in problems:
+                log.error("rule reload refused", extra={"problem": str(problem)})  # noqa: TRY400
+            metrics.RELOADS.labels("refused").inc()
+            # Remember the refused version so the same broken files are not re-reported.
+            self.loaded = Loaded(
+                self.loaded.ruleset, self.loaded.maintenance, self.source.fingerprint()
+            )
+            return False
+        for stage in self.stages:
+            async with stage.lock:
+                for part in stage.parts.values():
+                    part.engine.replace_rules(loaded.ruleset)
+        self.loaded = loaded
+        metrics.RELOADS.labels("ok").inc()
+        log.info("rules reloaded", extra={"fingerprint": loaded.fingerprint[:12]})
+        return True
+
+    async def _reloader(self, stop: asyncio.Event) -> None:
+        poll = self.options.reload_poll_s
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._reload.wait(), poll if poll > 0 else None)
+            self._reload.clear()
+            await self.reload()
+
+    async def _ticker(self, stop: asyncio.Event) -> None:
+        last_resend = time.monotonic()
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.options.tick_s)
+            if stop.is_set():
+                return
+            resend = time.monotonic() - last_resend >= self.options.resend_s
+            if resend:
+                last_resend = time.monotonic()
+            now = wall_ms()
+            for stage in self.stages:
+                await stage.tick(now, resend)
+            unhealthy = {
+                k for s in self.stages for p in s.parts.values() for k in p.engine.unhealthy()
+            }
+            metrics.UNHEALTHY.set(len(unhealthy))
+
+    async def _resender(self, stop: asyncio.Event) -> None:
+        # Without the ticker, firing alerts are still re-sent so Alertmanager keeps them open.
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.options.resend_s)
+            if stop.is_set():
+                return
+            for stage in self.stages:
+                async with stage.lock:
+                    for part in stage.parts.values():
+                        await self.notify(list(part.firing.values()), part.clock_ms)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume until ``stop`` is set; then checkpoint, commit and close everything."""
+        await ensure_topics(self.settings)
+        await ensure_topics(self.settings, names=(REKEY_TOPIC, STATE_TOPIC))
+        pool = await asyncpg.create_pool(self.settings.dsn, min_size=1, max_size=4)
+        self._producer = make_producer(self.settings)
+        await self._producer.start()
+        mqtt = MqttPublisher(self.settings)
+        await mqtt.start()
+        self._sinks = Sinks(self.settings, self._producer, pool, mqtt)
+        HEALTH.add("rules-stages", lambda: all(s.running for s in self.stages))
+        HEALTH.add("rules-mqtt", mqtt.connected)
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+        log.info(
+            "rules worker started",
+            extra={"rules": str(self.source.path), "fingerprint": self.loaded.fingerprint[:12]},
+        )
+        try:
+            async with asyncio.TaskGroup() as tg:
+                inner = asyncio.Event()
+
+                async def watch() -> None:
+                    await stop.wait()
+                    inner.set()
+
+                tg.create_task(watch(), name="rules-stop")
+                for stage in self.stages:
+                    tg.create_task(_until(stage.run(inner), inner), name=f"rules-{stage.name}")
+                tg.create_task(self._reloader(inner), name="rules-reload")
+                if self.options.tick_s > 0:
+                    tg.create_task(self._ticker(inner), name="rules-ticker")
+                else:
+                    tg.create_task(self._resender(inner), name="rules-resend")
+        finally:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(signal.SIGHUP)
+            await mqtt.stop()
+            await self._producer.stop()
+            await pool.close()
+
+
+async def _until(coro: Any, inner: asyncio.Event) -> None:
+    # A stage failing stops the whole worker (its partitions go to another worker).
+    try:
+        await coro
+    except BaseException:
+        inner.set()
+        raise
+
+
+def run_worker(settings: Settings, options: WorkerOptions | None = None) -> int:
+    """Run the worker as a service (signals, /metrics, /readyz); return the exit code."""
+    from citypulse.service import run_service
+
+    return asyncio.run(run_service(RuleWorker(settings, options), settings.metrics_port))
+
+
+__all__ = ["RuleWorker", "WorkerOptions", "run_worker"]
