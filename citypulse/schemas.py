@@ -9,6 +9,7 @@ from pydantic import BaseModel
 
 from citypulse.events import AlertEvent, CommandEvent, ReadingBatch, Rejection
 from citypulse.registry import Registry
+from collectors.contract import SenMLPack, VendorPayload
 
 SCHEMAS: dict[str, type[BaseModel]] = {
     "registry.schema.json": Registry,
@@ -16,6 +17,8 @@ SCHEMAS: dict[str, type[BaseModel]] = {
     "kafka-deadletter.schema.json": Rejection,
     "kafka-alerts.schema.json": AlertEvent,
     "kafka-commands.schema.json": CommandEvent,
+    "vendor-payload.schema.json": VendorPayload,
+    "vendor-senml.schema.json": SenMLPack,
 }
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,20 +32,19 @@ def replay_group(reason: RejectReason | None) -> str:
     return REPLAY_GROUP if reason is None else f"{REPLAY_GROUP}.{reason.value}"
 
 
-async def _drain(consumer: AIOKafkaConsumer, tps: Iterable[TopicPartition]) -> list[Any]:
-    """Every record from the consumer's positions up to the end offsets seen at the start."""
-    tps = list(tps)
-    end = await consumer.end_offsets(tps)
+async def _drain(consumer: AIOKafkaConsumer, quiet_ms: int = 1000) -> list[Any]:
+    """Every record from the consumer's positions until the topic stays quiet ``quiet_ms``.
+
+    End offsets are not used: tansu (the embedded broker) answers ListOffsets "latest" with
+    an offset inside the last batch, which would stop early; quiet time works on any broker.
+    """
     out: list[Any] = []
-    pending = {tp for tp in tps if end[tp] > await consumer.position(tp)}
-    while pending:
-        batches = await consumer.getmany(*pending, timeout_ms=500)
-        for tp, records in batches.items():
-            out.extend(r for r in records if r.offset < end[tp])
-        for tp in list(pending):
-            if await consumer.position(tp) >= end[tp]:
-                pending.discard(tp)
-    return out
+    while True:
+        batches = await consumer.getmany(timeout_ms=quiet_ms)
+        if not batches:
+            return out
+        for records in batches.values():
+            out.extend(records)
 
 
 async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
@@ -74,7 +72,7 @@ async def list_rejections(
             return []
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
-        records = await _drain(consumer, tps)
+        records = await _drain(consumer)
     finally:
         await consumer.stop()
     rejections = [Rejection.decode(r.value) for r in records]
@@ -127,7 +125,7 @@ async def replay(
                 await consumer.seek_to_beginning(tp)
             else:
                 consumer.seek(tp, offset)
-        records = await _drain(consumer, tps)
+        records = await _drain(consumer)
         futures = []
         for record in records:
             rejection = Rejection.decode(record.value)

@@ -116,6 +116,7 @@ class Collector:
         )
         self.client_id = default_client_id(settings)
         self._connected = False
+        self._subscribed = False
         self._kafka_ok = False
         self._closing = False
         self._generation = 0
@@ -139,10 +140,25 @@ class Collector:
             extra={"session_present": bool(flags.session_present), "client_id": self.client_id},
         )
 
+    def _on_subscribe(
+        self, client: Any, userdata: Any, mid: int, reason_codes: Any, properties: Any
+    ) -> None:
+        failed = [str(rc) for rc in reason_codes if rc.is_failure]
+        if failed:
+            log.error("mqtt subscription refused", extra={"reasons": failed})
+            return
+        self._subscribed = True
+
+    @property
+    def ready(self) -> bool:
+        """True while connected and subscribed to MQTT with a working Kafka producer."""
+        return self._connected and self._subscribed and self._kafka_ok
+
     def _on_disconnect(
         self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any
     ) -> None:
         self._connected = False
+        self._subscribed = False
         if not self._closing:
             log.warning("mqtt disconnected, reconnecting", extra={"reason": str(reason_code)})
 
@@ -174,12 +190,13 @@ class Collector:
         producer = make_producer(settings)
         await producer.start()
         self._kafka_ok = True
-        HEALTH.add("mqtt", lambda: self._connected)
+        HEALTH.add("mqtt", lambda: self._connected and self._subscribed)
         HEALTH.add("kafka", lambda: self._kafka_ok)
 
         client, host, port = make_mqtt_client(settings, self.client_id, manual_ack=True)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = settings.mqtt_session_expiry_s
