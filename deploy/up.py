@@ -215,6 +215,9 @@ def run_up(settings: Settings, opts: UpOptions) -> int:
             mqtt_url = settings.mqtt_url
 
         registry_path = settings.registry.resolve()
+        if not registry_path.exists() and settings.registry == Path("deploy/registry.example.yaml"):
+            # Run outside a checkout: use the example registry shipped inside the package.
+            registry_path = Path(__file__).resolve().parent / "registry.example.yaml"
         if opts.sensors_per_silo_district is not None:
             registry_path = state / "registry.yaml"
             registry_path.write_text(
