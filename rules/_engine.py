@@ -414,7 +414,8 @@ class RuleEngine:
         else:
             field, _, value = key.partition("=")
             labels[field.removeprefix("labels.")] = value
-        return labels
+        # Sorted, so events are byte-identical after a snapshot round trip.
+        return dict(sorted(labels.items()))
 
     def _event(self, rule: Rule, alert: _Alert, now: int) -> AlertEvent:
         c = self._ctx
@@ -437,7 +438,7 @@ class RuleEngine:
             state=alert.state,
             severity=severity,
             labels=alert.labels,
-            annotations=annotations,
+            annotations=dict(sorted(annotations.items())),
             values={k: values[k] for k in sorted(values)},
             window_s=rule.window_s,
             active_since_ms=alert.active_since,

@@ -164,6 +164,12 @@ def tokenize(text: str) -> list[Token]:
         m = _TOKEN.match(text, pos)
         if m is None:
             ch = text[pos]
+            if ch.isdigit() or ch == ".":
+                word = re.match(r"[\w.]+", text[pos:])
+                bad = word.group() if word else ch
+                raise ExprError(
+                    f"bad number or duration {bad!r} (durations: 30s, 5m, 1h30m)", pos + 1
+                )
             hint = " (strings use double quotes)" if ch in "\"'" else ""
             raise ExprError(f"unexpected character {ch!r}{hint}", pos + 1)
         kind = m.lastgroup or "ws"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -94,12 +95,18 @@ class AlertmanagerClient:
             if e.state in (AlertState.FIRING, AlertState.RESOLVED)
         ]
 
-    async def post(self, events: Sequence[AlertEvent], now_ms: int) -> int:
+    async def post(self, events: Sequence[AlertEvent], now_ms: int | None = None) -> int:
         """POST the firing/resolved ``events``; return how many were sent.
+
+        ``now_ms`` (default: the wall clock) only sets how long Alertmanager keeps firing
+        alerts open: that is Alertmanager's time, not event time, so it is the one place
+        besides the ticker that reads the wall clock.
 
         Raises:
             AlertmanagerError: on an HTTP error or no answer (retriable).
         """
+        if now_ms is None:
+            now_ms = time.time_ns() // 1_000_000
         body = self.payload(events, now_ms)
         if not body:
             return 0

@@ -267,7 +267,7 @@ class _Stage(ConsumerRebalanceListener):  # type: ignore[misc]
                 part.clock_ms = max(part.clock_ms, now_ms)
                 await self.w.emit(part, effects)
                 if resend and part.firing:
-                    await self.w.notify(list(part.firing.values()), now_ms)
+                    await self.w.notify(list(part.firing.values()))
 
     async def _checkpoint(self, parts: Sequence[_Part], force: bool) -> None:
         """Snapshot then commit: effects of these records are already delivered."""
@@ -373,7 +373,7 @@ class RuleWorker:
         to_send = [
             a for a in alerts if a.notify and a.state in (AlertState.FIRING, AlertState.RESOLVED)
         ]
-        await self.notify([*to_send, *wake], part.clock_ms)
+        await self.notify([*to_send, *wake])
         metrics.ALERTS.labels("firing").set(
             sum(len(p.firing) for s in self.stages for p in s.parts.values())
         )
@@ -426,16 +426,16 @@ class RuleWorker:
             log.info("maintenance over: re-notifying", extra={"alerts": len(woken)})
         return woken
 
-    async def notify(self, events: Sequence[AlertEvent], now_ms: int) -> None:
+    async def notify(self, events: Sequence[AlertEvent]) -> None:
         """POST to Alertmanager; a failure is logged and counted (re-sends retry firing ones)."""
         if self.alertmanager is None or not events:
             return
         try:
-            sent = await self.alertmanager.post(events, now_ms)
+            sent = await self.alertmanager.post(events)
             metrics.NOTIFICATIONS.labels("sent").inc(sent)
         except AlertmanagerError as exc:
             metrics.NOTIFICATIONS.labels("failed").inc(len(events))
-            log.warning("alertmanager post failed", extra={"error": str(exc)})
+            log.warning("alertmanager post failed: %s", exc)
 
     # -- reload -------------------------------------------------------------------------------
     def request_reload(self) -> None:
@@ -503,7 +503,7 @@ class RuleWorker:
             for stage in self.stages:
                 async with stage.lock:
                     for part in stage.parts.values():
-                        await self.notify(list(part.firing.values()), part.clock_ms)
+                        await self.notify(list(part.firing.values()))
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
