@@ -46,7 +46,9 @@ from stream.kafka import ensure_topics, make_consumer
 
 log = logging.getLogger("citypulse.storage")
 
-GROUP_ID = "citypulse-writer"
+GROUP_ID = "{prefix}-writer"
+"""Default consumer group, formatted with the topic prefix: ``citypulse-writer`` in production,
+and a separate group per prefix (per test, per staging copy) on a shared broker."""
 BACKOFF_MIN_S = 0.1
 BACKOFF_MAX_S = 5.0  # also bounds how long a SIGTERM waits during a database outage
 
@@ -201,15 +203,16 @@ class Writer:
     Args:
         settings: process settings (database, Kafka, ``writer_batch_*``, ``retention_*``).
         registry: loaded into the database at start-up; default: read ``settings.registry``.
-        group_id: Kafka consumer group (one group = one copy of the data in the database).
+        group_id: Kafka consumer group (one group = one copy of the data in the database);
+            default :data:`GROUP_ID` with the topic prefix.
     """
 
     def __init__(
-        self, settings: Settings, *, registry: Registry | None = None, group_id: str = GROUP_ID
+        self, settings: Settings, *, registry: Registry | None = None, group_id: str | None = None
     ) -> None:
         self._settings = settings
         self._registry = registry
-        self._group_id = group_id
+        self._group_id = group_id or GROUP_ID.format(prefix=settings.topic_prefix)
         self._readings_topic = settings.topic("readings")
         self._deadletter_topic = settings.topic("deadletter")
         self._pending: dict[TopicPartition, _Pending] = {}

@@ -12,13 +12,15 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from prometheus_client import REGISTRY
 
 from citypulse.events import Rejection, RejectReason
+from citypulse.service import HEALTH
 from citypulse.settings import Settings
 from storage import Writer
 from stream import ensure_topics, make_producer
 
-from .conftest import count_readings, make_batches, rollup_mismatches, wait_for_rows
+from .conftest import T0_MS, count_readings, make_batches, rollup_mismatches, wait_for_rows
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -90,18 +92,27 @@ async def test_writer_rides_out_a_database_outage(migrated: Settings, stack: obj
     await ensure_topics(migrated, ("readings", "deadletter"))
     batches = make_batches(20)
     expected = count_readings(batches)
+    warmup = make_batches(1, start_ms=T0_MS - 3_600_000)
     admin = await asyncpg.connect(migrated.dsn)
+    errors_before = REGISTRY.get_sample_value("citypulse_writer_db_errors_total") or 0.0
     stop, task = await _run_writer(migrated)
     try:
-        await wait_for_rows(migrated.dsn, 3, "sensors")
-        # An "outage" as the writer sees it: its table is locked, so writes time out... too
-        # slow to test; instead make the write fail with a retriable error: revoke + restore.
+        # Wait until the writer demonstrably consumes (group joined, partitions assigned).
+        await _produce(migrated, [(b.sensor.encode(), b.encode()) for b in warmup], "readings")
+        warm = count_readings(warmup)
+        assert await wait_for_rows(migrated.dsn, warm) == warm
+        # The outage as the writer sees it: every write fails with a server error (as when the
+        # database is restarting), until the table is back.
         await admin.execute("ALTER TABLE readings RENAME TO readings_away")
         await _produce(migrated, [(b.sensor.encode(), b.encode()) for b in batches], "readings")
         await asyncio.sleep(1.5)
         assert not task.done()
+        assert HEALTH.status()["writer_db"] is False
+        errors = REGISTRY.get_sample_value("citypulse_writer_db_errors_total") or 0.0
+        assert errors - errors_before >= 2  # retried, with backoff
         await admin.execute("ALTER TABLE readings_away RENAME TO readings")
-        assert await wait_for_rows(migrated.dsn, expected) == expected
+        assert await wait_for_rows(migrated.dsn, expected + warm) == expected + warm
+        assert HEALTH.status()["writer_db"] is True
     finally:
         stop.set()
         await asyncio.wait_for(task, 20)
