@@ -70,7 +70,9 @@ class Settings(BaseSettings):
 
     # -- collector ----------------------------------------------------------------------------
     mqtt_shared_group: str = Field("collectors", description="$share group name")
-    mqtt_client_id: str | None = Field(None, description="default: collector-<host>-<pid>")
+    mqtt_client_id: str | None = Field(
+        None, description="stable id so the broker keeps the session; default: collector-<hostname>"
+    )
     mqtt_session_expiry_s: int = Field(3600, description="persistent session kept this long")
     mqtt_receive_maximum: int = Field(1000, ge=1, le=65535, description="QoS 1 in flight")
     future_tolerance_s: float = Field(300.0, description="refuse readings further ahead")
