@@ -18,7 +18,7 @@ import orjson
 from citypulse.events import AlertEvent, AlertState, CommandEvent, ReadingBatch
 from citypulse.registry import Registry, Sensor
 from rules._expr import Ctx, SensorState, Series, render_value
-from rules._load import Rule, RuleSet
+from rules._load import Rule, RuleSet, group_member
 from rules._model import group_value
 
 log = logging.getLogger("citypulse.rules")
@@ -110,6 +110,9 @@ class _Index:
                 continue
             assert rule.group_by is not None
             groups: list[str] = []
+            comps = [lv.cond for lv in rule.levels]
+            comps += [c for c in (rule.clear, rule.action_value) if c is not None]
+            selectors = [sel for c in comps for sel in c.selectors]
             for s in registry:
                 if not rule.select.matches(s):
                     continue
@@ -121,6 +124,10 @@ class _Index:
                     self.members[key] = []
                     groups.append(g)
                 self.members[key].append(s.id)
+                # Only a sensor some group function reads can change the result: others
+                # belong to the group (for targets) but do not trigger an evaluation.
+                if not any(group_member(s, sel, metrics) for sel, metrics, _ in selectors):
+                    continue
                 self.group_rules.setdefault(s.id, []).append((rule, g))
                 keys = self.group_keys.setdefault(s.id, [])
                 if (rule.group_by, g) not in keys:

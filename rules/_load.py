@@ -432,7 +432,7 @@ class _RuleBuilder:
             )
         for c in compiled:
             for selector, metrics, col in c.selectors:
-                if not any(_group_member(s, selector, metrics) for s in covered):
+                if not any(group_member(s, selector, metrics) for s in covered):
                     desc = ", ".join(f"{k}={v}" for k, v in selector.items()) or "no selector"
                     self.warn(
                         [],
@@ -453,7 +453,8 @@ class _RuleBuilder:
                 self.warn(["action", "command"], "command matches no actuator in the registry")
 
 
-def _group_member(s: Sensor, selector: dict[str, str], metrics: frozenset[str]) -> bool:
+def group_member(s: Sensor, selector: dict[str, str], metrics: frozenset[str]) -> bool:
+    """Whether ``s`` is read by a ``group.*`` call with this selector and these metrics."""
     if not metrics <= s.metrics.keys():
         return False
     for key, want in selector.items():

@@ -83,3 +83,13 @@ def schema(
     from rules._model import write_rules_schema
 
     typer.echo(str(write_rules_schema(out)))
+
+
+# -- runtime commands (owned by rules/runtime): `citypulse rules run`, `citypulse rules backtest`
+def _add_runtime_commands() -> None:
+    from rules.runtime.cli import add_commands
+
+    add_commands(app)
+
+
+_add_runtime_commands()

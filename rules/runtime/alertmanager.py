@@ -121,5 +121,8 @@ class AlertmanagerClient:
         try:
             with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:  # noqa: S310
                 resp.read()
+        except urllib.error.HTTPError as exc:
+            detail = exc.read()[:300].decode(errors="replace")
+            raise AlertmanagerError(f"POST {self.url}: {exc}: {detail}") from exc
         except (urllib.error.URLError, OSError) as exc:
             raise AlertmanagerError(f"POST {self.url}: {exc}") from exc
