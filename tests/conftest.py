@@ -30,25 +30,17 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:
 
 
 def _psql(stack: EmbeddedStack, sql: str) -> None:
-    subprocess.run(
-        [
-            str(stack.postgres.bin_dir() / "psql"),
-            "-h",
-            stack.postgres.host,
-            "-p",
-            str(stack.postgres.port),
-            "-U",
-            "postgres",
-            "-d",
-            "postgres",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-qc",
-            sql,
-        ],
-        check=True,
+    pg = stack.postgres
+    args = ["-h", pg.host, "-p", str(pg.port), "-U", "postgres", "-d", "postgres"]
+    out = subprocess.run(
+        [str(pg.bin_dir() / "psql"), *args, "-v", "ON_ERROR_STOP=1", "-qc", sql],
+        check=False,
         capture_output=True,
+        text=True,
     )
+    if out.returncode != 0:
+        server_log = pg.log_path.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"psql {sql!r} failed: {out.stderr}\n--- server log ---\n{server_log}")
 
 
 @pytest.fixture
