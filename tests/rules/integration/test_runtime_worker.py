@@ -1,0 +1,197 @@
+"""The rule worker end to end on the real servers: readings in; alerts, commands and
+Alertmanager notifications out; maintenance windows; hot reload."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from citypulse.events import AlertState
+from citypulse.settings import Settings
+
+from .conftest import Alertmanager
+from .helpers import (
+    MqttInbox,
+    alert_rows,
+    batch,
+    command_rows,
+    eventually,
+    kafka_alerts,
+    produce,
+    running_worker,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def firing(rows: list[dict[str, object]], rule: str) -> list[dict[str, object]]:
+    return [r for r in rows if r["rule"] == rule and r["state"] == "firing"]
+
+
+async def test_readings_raise_alerts_commands_and_notifications(
+    rt_settings: Settings, alertmanager: Alertmanager, run_id: str
+) -> None:
+    """Low pressure fires (DB, Kafka, Alertmanager); a dark street light gets a command on MQTT;
+    a district-wide low average fires a group alert; recovery resolves the sensor alert."""
+    inbox = MqttInbox(rt_settings, "citypulse/v1/+/+/down")
+    await inbox.ready()
+    t0 = time.time_ns() // 1_000_000 - 60_000
+    try:
+        async with running_worker(rt_settings):
+            await produce(
+                rt_settings,
+                batch("wtr-0001", t0, pressure=1.2),
+                batch("lgt-0001", t0, lux=5.0),
+                batch("wtr-0003", t0, pressure=4.0),
+            )
+            rows = await eventually(
+                lambda: alert_rows(rt_settings), lambda r: firing(r, "WaterLowPressure")
+            )
+            low = firing(rows, "WaterLowPressure")
+            assert [r["labels"]["sensor"] for r in low] == ["wtr-0001"]
+            assert low[0]["notify"] is True
+
+            # The command went out on MQTT to the light and is audited.
+            msgs = await eventually(lambda: _copy(inbox), bool)
+            topic, body = msgs[0]
+            assert topic == "citypulse/v1/lumina/lgt-0001/down"
+            assert body["setting"] == "dim_level"
+            assert body["value"] == 100
+            cmds = await command_rows(rt_settings)
+            assert [(c["command_id"], c["status"]) for c in cmds] == [(body["command_id"], "sent")]
+
+            # Alertmanager shows the firing alert with its labels.
+            am = await eventually(
+                lambda: asyncio.to_thread(
+                    alertmanager.alerts, alertname="WaterLowPressure", sensor="wtr-0001", run=run_id
+                ),
+                bool,
+            )
+            assert am[0]["labels"]["severity"] == "critical"
+
+            # A second low sensor of district north pulls the district average below 1.5.
+            await produce(rt_settings, batch("wtr-0002", t0 + 1000, pressure=1.0))
+            rows = await eventually(
+                lambda: alert_rows(rt_settings), lambda r: firing(r, "DistrictLowPressure")
+            )
+            [group_alert] = firing(rows, "DistrictLowPressure")
+            assert group_alert["labels"].get("district") == "north"
+
+            # Recovery above the clear threshold resolves the sensor alert everywhere.
+            await produce(rt_settings, batch("wtr-0001", t0 + 2000, pressure=3.0))
+            rows = await eventually(
+                lambda: alert_rows(rt_settings),
+                lambda r: any(
+                    x["rule"] == "WaterLowPressure" and x["state"] == "resolved" for x in r
+                ),
+            )
+            await eventually(
+                lambda: asyncio.to_thread(
+                    alertmanager.alerts, alertname="WaterLowPressure", sensor="wtr-0001", run=run_id
+                ),
+                lambda a: a == [],
+            )
+    finally:
+        inbox.close()
+
+    events = await kafka_alerts(rt_settings, expect=len(rows))
+    kinds = {(e.rule, e.labels.get("sensor"), e.state) for e in events}
+    assert ("WaterLowPressure", "wtr-0001", AlertState.FIRING) in kinds
+    assert ("WaterLowPressure", "wtr-0001", AlertState.RESOLVED) in kinds
+    assert all(e.fingerprint for e in events)
+
+
+async def _copy(inbox: MqttInbox) -> list[tuple[str, dict[str, object]]]:
+    return list(inbox.messages)
+
+
+def _ms(dt: datetime) -> int:
+    return round(dt.timestamp() * 1000)
+
+
+async def test_maintenance_window_records_quietly_then_renotifies(
+    rt_settings: Settings, rules_dir: Path, alertmanager: Alertmanager, run_id: str
+) -> None:
+    """Inside a window an alert is recorded with notify=false and not sent to Alertmanager;
+    when event time passes the window's end while it still fires, it is sent."""
+    (rules_dir / "maintenance.yaml").write_text(
+        "windows:\n"
+        "  - name: north-pumps\n"
+        "    start: '02:00'\n"
+        "    duration: 1h\n"
+        "    timezone: UTC\n"
+        "    match: {district: north, asset: pump}\n"
+    )
+    day = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=1)
+    inside, after = (
+        _ms(day + timedelta(hours=2, minutes=30)),
+        _ms(day + timedelta(hours=3, minutes=5)),
+    )
+    async with running_worker(rt_settings):
+        await produce(rt_settings, batch("wtr-0001", inside, pressure=1.0))
+        rows = await eventually(
+            lambda: alert_rows(rt_settings), lambda r: firing(r, "WaterLowPressure")
+        )
+        assert firing(rows, "WaterLowPressure")[0]["notify"] is False
+        await asyncio.sleep(1.0)  # give a wrong notification time to arrive
+        assert (
+            alertmanager.alerts(alertname="WaterLowPressure", sensor="wtr-0001", run=run_id) == []
+        )
+
+        # Still low after the window: the next reading moves event time past its end.
+        await produce(rt_settings, batch("wtr-0001", after, pressure=1.1))
+        await eventually(
+            lambda: asyncio.to_thread(
+                alertmanager.alerts, alertname="WaterLowPressure", sensor="wtr-0001", run=run_id
+            ),
+            bool,
+        )
+    # Recorded once (firing inside the window), not raised again by the re-notification.
+    assert len(firing(await alert_rows(rt_settings), "WaterLowPressure")) == 1
+
+
+async def test_hot_reload_applies_valid_rules_and_refuses_broken_ones(
+    rt_settings: Settings, rules_dir: Path
+) -> None:
+    """A changed threshold applies without restart; a broken file is refused and the running
+    rules stay; an unchanged rule keeps its firing alert across reloads (no second firing)."""
+    t0 = time.time_ns() // 1_000_000 - 60_000
+    rules_file = rules_dir / "rules.yaml"
+    async with running_worker(rt_settings) as worker:
+        await produce(rt_settings, batch("wtr-0001", t0, pressure=1.5))
+        await eventually(lambda: alert_rows(rt_settings), lambda r: firing(r, "WaterLowPressure"))
+
+        # Street light threshold raised from 10 to 50 lux: 30 lux is now dark.
+        rules_file.write_text(rules_file.read_text().replace("lux < 10", "lux < 50"))
+        await eventually(lambda: _fingerprint(worker), lambda f: f == worker.source.fingerprint())
+        await produce(rt_settings, batch("lgt-0001", t0 + 1000, lux=30.0))
+        # An action rule commands instead of alerting: the light is dimmed up.
+        cmds = await eventually(lambda: command_rows(rt_settings), bool)
+        assert [(c["sensor_id"], c["value"]) for c in cmds] == [("lgt-0001", 100.0)]
+
+        # A broken file is refused: the rules in force still raise alerts.
+        good = rules_file.read_text()
+        rules_file.write_text(good.replace("expr: pressure < 2.0", "expr: pressure <<< 2.0"))
+        await asyncio.sleep(1.0)
+        assert worker.loaded.ruleset is not None
+        await produce(rt_settings, batch("wtr-0003", t0 + 2000, pressure=1.0))
+        await eventually(
+            lambda: alert_rows(rt_settings),
+            lambda r: any(
+                x["labels"].get("sensor") == "wtr-0003" for x in firing(r, "WaterLowPressure")
+            ),
+        )
+        # Still low at wtr-0001 after the reloads: no second firing event for it.
+        rules_file.write_text(good)
+        await produce(rt_settings, batch("wtr-0001", t0 + 3000, pressure=1.4))
+        await asyncio.sleep(1.0)
+    rows = firing(await alert_rows(rt_settings), "WaterLowPressure")
+    assert sorted(r["labels"]["sensor"] for r in rows) == ["wtr-0001", "wtr-0003"]
+
+
+async def _fingerprint(worker: object) -> str:
+    return worker.loaded.fingerprint  # type: ignore[attr-defined,no-any-return]
