@@ -9,9 +9,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 
 from citypulse.events import AlertState
 from citypulse.settings import Settings
+from rules.runtime import WorkerOptions
 
 from .conftest import Alertmanager
 from .helpers import (
@@ -40,6 +42,8 @@ async def test_readings_raise_alerts_commands_and_notifications(
     inbox = MqttInbox(rt_settings, "citypulse/v1/+/+/down")
     await inbox.ready()
     t0 = time.time_ns() // 1_000_000 - 60_000
+    evaluations = _metric("citypulse_rules_evaluations_total", stage="sensor")
+    sent = _metric("citypulse_rules_commands_total", status="sent")
     try:
         async with running_worker(rt_settings):
             await produce(
@@ -98,11 +102,17 @@ async def test_readings_raise_alerts_commands_and_notifications(
     finally:
         inbox.close()
 
+    assert _metric("citypulse_rules_evaluations_total", stage="sensor") - evaluations == 5
+    assert _metric("citypulse_rules_commands_total", status="sent") - sent == 1
     events = await kafka_alerts(rt_settings, expect=len(rows))
     kinds = {(e.rule, e.labels.get("sensor"), e.state) for e in events}
     assert ("WaterLowPressure", "wtr-0001", AlertState.FIRING) in kinds
     assert ("WaterLowPressure", "wtr-0001", AlertState.RESOLVED) in kinds
     assert all(e.fingerprint for e in events)
+
+
+def _metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 async def _copy(inbox: MqttInbox) -> list[tuple[str, dict[str, object]]]:
@@ -195,3 +205,16 @@ async def test_hot_reload_applies_valid_rules_and_refuses_broken_ones(
 
 async def _fingerprint(worker: object) -> str:
     return worker.loaded.fingerprint  # type: ignore[attr-defined,no-any-return]
+
+
+async def test_ticker_raises_staleness_on_the_wall_clock(rt_settings: Settings) -> None:
+    """With the ticker on, a sensor silent for 3 intervals is reported without any new reading."""
+    ten_min_ago = time.time_ns() // 1_000_000 - 600_000
+    options = WorkerOptions(tick_s=0.2, checkpoint_s=0.5, reload_poll_s=0.2)
+    async with running_worker(rt_settings, options):
+        await produce(rt_settings, batch("wtr-0003", ten_min_ago, pressure=3.0))
+        rows = await eventually(
+            lambda: alert_rows(rt_settings), lambda r: firing(r, "SensorSilent"), timeout_s=20
+        )
+    assert [r["labels"]["sensor"] for r in firing(rows, "SensorSilent")] == ["wtr-0003"]
+    assert _metric("citypulse_rules_alerts", state="firing") >= 1

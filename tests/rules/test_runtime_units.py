@@ -1,0 +1,123 @@
+"""Runtime pieces without I/O: snapshots, Alertmanager payloads, group-key ownership."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from citypulse.events import AlertEvent, AlertState, Reading, ReadingBatch
+from citypulse.registry import Registry, load_registry
+from rules import RuleEngine, load_rules
+from rules.runtime import Snapshot, alert_payload
+from rules.runtime.worker import _process_group
+
+DATA = Path(__file__).parent / "integration" / "data"
+
+GROUP_RULES = """
+groups:
+  - name: water
+    rules:
+      - name: DistrictLow
+        select: {silo: water}
+        group_by: district
+        expr: group.avg(pressure) < 1.5
+      - name: SiloLow
+        select: {silo: water}
+        group_by: silo
+        expr: group.avg(pressure) < 1.5
+"""
+
+
+@pytest.fixture(scope="module")
+def registry() -> Registry:
+    return load_registry(DATA / "registry.yaml")
+
+
+def _event(state: AlertState = AlertState.FIRING) -> AlertEvent:
+    return AlertEvent(
+        fingerprint="f1",
+        rule="WaterLowPressure",
+        rule_version="v1",
+        group="water",
+        state=state,
+        severity="critical",
+        labels={"sensor": "wtr-0001"},
+        annotations={"summary": "low"},
+        values={"pressure": 1.25},
+        active_since_ms=1_000,
+        ts_ms=61_000,
+        evaluated_ms=61_000,
+    )
+
+
+def _batch(sensor: str, ts_ms: int, pressure: float) -> ReadingBatch:
+    return ReadingBatch(
+        sensor=sensor,
+        vendor="aquasense",
+        received_ms=ts_ms,
+        source="s",
+        readings=[Reading(ts_ms=ts_ms, metric="pressure", value=pressure, unit="bar")],
+    )
+
+
+def test_snapshot_round_trip_keeps_everything() -> None:
+    """A snapshot read back from its bytes resumes at the same offset with the same state."""
+    snap = Snapshot(
+        "group",
+        3,
+        1234,
+        b"\x00engine\xff",
+        99,
+        {"f1": _event()},
+        {"f2": (_event().model_copy(update={"fingerprint": "f2", "notify": False}), 5000)},
+        {"0|district=north": 17},
+    )
+    back = Snapshot.decode(snap.encode())
+    assert back == snap
+    assert back.key == "group:3"
+
+
+def test_alertmanager_payload_for_firing_and_resolved() -> None:
+    """Firing alerts stay open for the hold time; resolved ones end when they resolved."""
+    firing = alert_payload(_event(), now_ms=100_000, hold_ms=240_000, generator_url="g")
+    assert firing["labels"] == {
+        "sensor": "wtr-0001",
+        "alertname": "WaterLowPressure",
+        "severity": "critical",
+        "rule_group": "water",
+    }
+    assert firing["annotations"] == {
+        "summary": "low",
+        "rule_version": "v1",
+        "value_pressure": "1.25",
+    }
+    assert firing["startsAt"] == "1970-01-01T00:00:01.000Z"
+    assert firing["endsAt"] == "1970-01-01T00:05:40.000Z"
+    resolved = alert_payload(_event(AlertState.RESOLVED), 100_000, 240_000, "g")
+    assert resolved["endsAt"] == "1970-01-01T00:01:01.000Z"
+
+
+def test_group_stage_keeps_only_the_effects_of_its_own_key(
+    registry: Registry, tmp_path: Path
+) -> None:
+    """A batch feeding two groups yields each group's alert only in the partition owning it."""
+    path = tmp_path / "g.yaml"
+    path.write_text(GROUP_RULES)
+    ruleset = load_rules([path], registry)
+    by_key = {}
+    for key in ("district=north", "silo=water"):
+        engine = RuleEngine(ruleset, registry)
+        assert sorted(engine.group_keys(_batch("wtr-0001", 0, 1.0))) == [
+            ("district", "north"),
+            ("silo", "water"),
+        ]
+        effects = [
+            *_process_group(engine, _batch("wtr-0002", 1000, 1.0), key, registry),
+            *_process_group(engine, _batch("wtr-0001", 2000, 1.0), key, registry),
+        ]
+        by_key[key] = [(e.rule, e.state) for e in effects if isinstance(e, AlertEvent)]
+    assert by_key == {
+        "district=north": [("DistrictLow", AlertState.FIRING)],
+        "silo=water": [("SiloLow", AlertState.FIRING)],
+    }
