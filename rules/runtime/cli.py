@@ -45,11 +45,22 @@ def add_commands(app: typer.Typer) -> None:
     ) -> None:
         """Evaluate rules on the readings stream (a member of the rules consumer group)."""
         from citypulse.cli import settings_of
+        from citypulse.registry import load_registry
+        from citypulse.yamlsrc import YamlSourceError
+        from rules.runtime.source import RuleSource
         from rules.runtime.worker import WorkerOptions, run_worker
 
         settings = settings_of(ctx)
         if rules is not None:
             settings = settings.model_copy(update={"rules": rules})
+        try:
+            # Refuse to start on broken rules, with the same messages as `rules check`.
+            RuleSource(settings.rules, load_registry(settings.registry)).load()
+        except YamlSourceError as exc:
+            for problem in exc.problems:
+                err.print(str(problem), markup=False, highlight=False)
+            err.print(f"{len(exc.problems)} problem(s): not starting", style="red")
+            raise typer.Exit(1) from None
         options = WorkerOptions(
             checkpoint_records=checkpoint_records,
             checkpoint_s=checkpoint_s,

@@ -27,6 +27,7 @@ import asyncpg
 import orjson
 import paho.mqtt.client as mqtt
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
 from paho.mqtt.enums import CallbackAPIVersion
 
 from citypulse.events import AlertEvent, CommandEvent, ms_to_dt
@@ -164,7 +165,7 @@ class Sinks:
             async with self._pool.acquire() as conn:
                 await conn.executemany(_INSERT_ALERT, rows)
             await asyncio.gather(*futures)
-        except (asyncpg.PostgresError, OSError) as exc:
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, KafkaError, OSError) as exc:
             raise SinkError(f"recording {len(events)} alert events: {exc}") from exc
         for e in events:
             metrics.ALERT_EVENTS.labels(str(e.state)).inc()
@@ -209,5 +210,5 @@ class Sinks:
                     )
                     metrics.COMMANDS.labels(c.status).inc()
             await asyncio.gather(*futures)
-        except (asyncpg.PostgresError, OSError) as exc:
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, KafkaError, OSError) as exc:
             raise SinkError(f"recording {len(commands)} commands: {exc}") from exc

@@ -20,7 +20,7 @@ import inspect
 import logging
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +38,7 @@ from citypulse.yamlsrc import YamlSourceError
 from rules.runtime import metrics
 from rules.runtime.alertmanager import AlertmanagerClient
 from rules.runtime.changelog import REKEY_TOPIC, STATE_TOPIC, Snapshot, read_snapshots
-from rules.runtime.errors import AlertmanagerError, RuntimeFault
+from rules.runtime.errors import AlertmanagerError, RuntimeFault, SinkError
 from rules.runtime.maintenance import Maintenance
 from rules.runtime.sinks import MqttPublisher, Sinks
 from rules.runtime.source import Loaded, RuleSource
@@ -66,6 +66,8 @@ class WorkerOptions:
         resend_s: how often firing alerts are re-sent to Alertmanager.
         reload_poll_s: how often rule files are checked for changes; 0 = only on SIGHUP.
         max_poll_records: records fetched per poll, at most (bounds memory per step).
+        sink_retry_s: how long a failing sink (database, Kafka, MQTT) is retried before the
+            worker gives up and exits.
     """
 
     checkpoint_records: int = 1000
@@ -74,6 +76,7 @@ class WorkerOptions:
     resend_s: float = 60.0
     reload_poll_s: float = 1.0
     max_poll_records: int = 500
+    sink_retry_s: float = 60.0
 
 
 @dataclass(slots=True)
@@ -346,6 +349,7 @@ class RuleWorker:
         self._reload = asyncio.Event()
         self._producer: AIOKafkaProducer | None = None
         self._sinks: Sinks | None = None
+        self.sink_ok = True
 
     @property
     def producer(self) -> AIOKafkaProducer:
@@ -367,8 +371,9 @@ class RuleWorker:
         assert self._sinks is not None
         alerts = [self._maintain(part, e) for e in effects if isinstance(e, AlertEvent)]
         commands = [e for e in effects if isinstance(e, CommandEvent)]
-        await self._sinks.alerts(alerts)
-        await self._sinks.commands(commands)
+        sinks = self._sinks
+        await self._deliver(lambda: sinks.alerts(alerts))
+        await self._deliver(lambda: sinks.commands(commands))
         wake = self._rewake(part)
         to_send = [
             a for a in alerts if a.notify and a.state in (AlertState.FIRING, AlertState.RESOLVED)
@@ -380,6 +385,28 @@ class RuleWorker:
         metrics.ALERTS.labels("quiet").set(
             sum(len(p.quiet) for s in self.stages for p in s.parts.values())
         )
+
+    async def _deliver(self, write: Callable[[], Awaitable[None]]) -> None:
+        """Run an (idempotent) sink write, retrying a retriable failure with backoff.
+
+        The partition does not advance meanwhile; after ``sink_retry_s`` the error propagates,
+        the worker stops (exit code 1) and its partitions resume elsewhere from the last
+        snapshot, which replays these effects.
+        """
+        delay, deadline = 0.2, time.monotonic() + self.options.sink_retry_s
+        while True:
+            try:
+                await write()
+            except SinkError as exc:
+                self.sink_ok = False
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("sink write failed, retrying: %s", exc, extra={"delay_s": delay})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+            else:
+                self.sink_ok = True
+                return
 
     def _maintain(self, part: _Part, a: AlertEvent) -> AlertEvent:
         fp = a.fingerprint
@@ -518,12 +545,17 @@ class RuleWorker:
         self._sinks = Sinks(self.settings, self._producer, pool, mqtt)
         HEALTH.add("rules-stages", lambda: all(s.running for s in self.stages))
         HEALTH.add("rules-mqtt", mqtt.connected)
+        HEALTH.add("rules-sinks", lambda: self.sink_ok)
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         log.info(
             "rules worker started",
-            extra={"rules": str(self.source.path), "fingerprint": self.loaded.fingerprint[:12]},
+            extra={
+                "rules": str(self.source.path),
+                "fingerprint": self.loaded.fingerprint[:12],
+                "settings": self.settings.redacted(),
+            },
         )
         try:
             async with asyncio.TaskGroup() as tg:
