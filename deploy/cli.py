@@ -145,3 +145,39 @@ def mqtt_auth(
     typer.echo(f"{files.credentials_json} (0600, secret)")
     for path_ in files.env_files.values():
         typer.echo(f"{path_} (0600, secret)")
+
+
+@app.command("bench")
+def bench(
+    sensors: Annotated[int, typer.Option(help="sensors in the generated registry")] = 10_000,
+    rules: Annotated[int, typer.Option(help="generated rules (plus the marker rule)")] = 200,
+    duration: Annotated[
+        float, typer.Option(help="seconds of each mode's ramp phase; latency phases get half")
+    ] = 30.0,
+    mode: Annotated[str, typer.Option(help="single | batch | senml | all")] = "all",
+    collectors: Annotated[int, typer.Option(help="collector processes")] = 1,
+    writers: Annotated[int, typer.Option(help="writer processes")] = 1,
+    rule_workers: Annotated[int, typer.Option(help="rule worker processes")] = 1,
+    publishers: Annotated[int, typer.Option(help="load generator processes")] = 3,
+    out: Annotated[Path, typer.Option(help="where the JSON and PNG go")] = Path("bench-results"),
+    quick: Annotated[bool, typer.Option(help="small sizes, a few seconds each (smoke test)")] = (
+        False
+    ),
+) -> None:
+    """End-to-end benchmark on the embedded stack: throughput, latency, CPU, raw ceilings."""
+    from deploy.bench._cmd import run_bench_cmd
+
+    raise typer.Exit(
+        run_bench_cmd(
+            sensors=sensors,
+            rules=rules,
+            duration=duration,
+            mode=mode,
+            collectors=collectors,
+            writers=writers,
+            rule_workers=rule_workers,
+            publishers=publishers,
+            out=out,
+            quick=quick,
+        )
+    )

@@ -1,0 +1,91 @@
+"""The ``citypulse bench`` command body: options -> run -> summary table."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from deploy.bench._load import Mode
+from deploy.bench._run import BenchError, BenchOptions, run_bench
+
+console = Console()
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float | int):
+        return f"{v:,.0f}" if abs(v) >= 10 else f"{v:.2f}"
+    return str(v)
+
+
+def summary(results: dict[str, Any]) -> Table:
+    """The headline figures of a run as a rich table."""
+    t = Table(title=f"citypulse bench ({results['sensors']:,} sensors, {results['rules']} rules)")
+    for col in ("mode", "sustained readings/s", "msgs/s", "x mqtt", "x kafka", "x COPY"):
+        t.add_column(col, justify="right")
+    for col in ("50%: p50/p95/p99 stored ms", "50%: p99 alert ms", "90%: p99 stored/alert ms"):
+        t.add_column(col, justify="right")
+    for mode, m in results["modes"].items():
+        r = results["ratios"][mode]
+        lat50 = m["latency"]["50%"]
+        lat90 = m["latency"]["90%"]
+        s50 = lat50["stored_latency_ms"]
+        t.add_row(
+            mode,
+            _fmt(m["sustained_readings_per_s"]),
+            _fmt(m["sustained_messages_per_s"]),
+            _fmt(r["mqtt_subscriber"]),
+            _fmt(r["kafka_consume"]),
+            _fmt(r["postgres_copy"]),
+            "/".join(_fmt(s50.get(k)) for k in ("p50", "p95", "p99")),
+            _fmt(lat50["alert_latency_ms"].get("p99")),
+            f"{_fmt(lat90['stored_latency_ms'].get('p99'))}/"
+            f"{_fmt(lat90['alert_latency_ms'].get('p99'))}",
+        )
+    return t
+
+
+def run_bench_cmd(
+    *,
+    sensors: int,
+    rules: int,
+    duration: float,
+    mode: str,
+    collectors: int,
+    writers: int,
+    rule_workers: int,
+    publishers: int,
+    out: Path,
+    quick: bool,
+) -> int:
+    """Run ``citypulse bench``; return the exit code."""
+    try:
+        modes = tuple(Mode) if mode == "all" else (Mode(mode),)
+    except ValueError:
+        console.print(f"[red]--mode must be single, batch, senml or all, not {mode!r}[/]")
+        return 2
+    opts = (
+        BenchOptions.quick_options(out, modes)
+        if quick
+        else BenchOptions(sensors=sensors, rules=rules, duration_s=duration, modes=modes, out=out)
+    )
+    opts = dataclasses.replace(
+        opts,
+        collectors=collectors,
+        writers=writers,
+        rule_workers=rule_workers,
+        publishers=publishers if not quick else min(publishers, opts.publishers),
+    )
+    try:
+        results = run_bench(opts)
+    except BenchError as exc:
+        console.print(f"[red]{exc}[/]")
+        return 1
+    console.print(summary(results))
+    console.print(f"results: {results['json']}  plot: {results['plot']}")
+    return 0

@@ -1,0 +1,697 @@
+"""``citypulse bench``: the embedded stack, the services, a fixed workload, the figures."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+import psutil  # type: ignore[import-untyped]  # no stubs in the venv
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from citypulse.events import ReadingBatch
+from citypulse.registry import Registry, dump_registry
+from citypulse.settings import Settings
+from collectors import Limits, Validator
+from deploy.bench._ceilings import copy_ceiling, kafka_ceiling, mqtt_ceiling
+from deploy.bench._load import Mode, Probe, Publishers, Template, shard, templates_for
+from deploy.bench._rules import MARKER_METRIC, MARKER_RULE, generate_rules, probe_sensors
+from deploy.bench._rules import write_rules as write_rule_files
+from deploy.embedded import EmbeddedStack, free_port
+from deploy.simulator import DISTRICTS, generate_registry
+from deploy.up import ACCEPTED, STORED, Child, citypulse_argv, scrape
+from stream import make_consumer
+
+console = Console(stderr=True)
+SILOS = 6
+
+
+class BenchError(RuntimeError):
+    """The benchmark could not set up or run (a server or a service failed)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BenchOptions:
+    """What ``citypulse bench`` runs; units in the names."""
+
+    sensors: int = 10_000
+    rules: int = 200
+    duration_s: float = 30.0
+    """Seconds of the ramp (sustained-maximum) phase of each mode; latency phases get half."""
+    modes: tuple[Mode, ...] = (Mode.SINGLE, Mode.BATCH, Mode.SENML)
+    collectors: int = 1
+    writers: int = 1
+    rule_workers: int = 1
+    publishers: int = 3
+    probes: int = 20
+    probe_hz: float = 20.0
+    ceiling_s: float = 5.0
+    kafka_ceiling_records: int = 100_000
+    copy_ceiling_rows: int = 200_000
+    out: Path = Path("bench-results")
+    quick: bool = False
+
+    @classmethod
+    def quick_options(cls, out: Path, modes: tuple[Mode, ...]) -> BenchOptions:
+        """Small sizes, a few seconds per phase (the smoke test)."""
+        return cls(
+            sensors=300,
+            rules=30,
+            duration_s=6.0,
+            modes=modes,
+            publishers=2,
+            probes=6,
+            ceiling_s=2.0,
+            kafka_ceiling_records=10_000,
+            copy_ceiling_rows=20_000,
+            out=out,
+            quick=True,
+        )
+
+
+@dataclass(slots=True)
+class Sample:
+    """One point of the time series (every 0.5 s)."""
+
+    t_s: float
+    phase: str
+    target_readings_per_s: float
+    published: int
+    accepted: float
+    stored: float
+
+
+@dataclass(slots=True)
+class Observed:
+    """What the background observers saw, with wall times (epoch ms)."""
+
+    stored_latency: list[tuple[int, float]] = field(default_factory=list)
+    """(visible at, latency ms) of probe readings seen in ``readings``."""
+    alert_latency: list[tuple[int, float]] = field(default_factory=list)
+    """(consumed at, latency ms) of the marker rule's FIRING events."""
+    alerts: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _pct(values: Sequence[float]) -> dict[str, float | int]:
+    if not values:
+        return {"n": 0}
+    v = sorted(values)
+
+    def q(p: float) -> float:
+        return round(v[min(len(v) - 1, int(p * len(v)))], 1)
+
+    return {
+        "n": len(v),
+        "p50": q(0.50),
+        "p95": q(0.95),
+        "p99": q(0.99),
+        "max": round(v[-1], 1),
+        "mean": round(statistics.fmean(v), 1),
+    }
+
+
+class _Observers:
+    """Background asyncio thread: polls probe readings in PostgreSQL, consumes alerts."""
+
+    def __init__(self, settings: Settings, probe: list[str], poll_s: float = 0.02) -> None:
+        self.settings = settings
+        self.probe_ids = probe
+        self.poll_s = poll_s
+        self.seen: dict[tuple[str, int], None] = {}
+        self.data = Observed()
+        self.pending_since: Callable[[], int] = lambda: _now_ms() - 2000
+        self.probes_sent: Callable[[], dict[tuple[str, int], bool]] = dict
+        self._loop = asyncio.new_event_loop()
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, name="bench-observers", daemon=True)
+        self._ready = threading.Event()
+
+    def start(self) -> None:
+        self._thread.start()
+        self._ready.wait(30)
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(15)
+
+    def _run(self) -> None:
+        self._loop.run_until_complete(self._main())
+
+    async def _main(self) -> None:
+        self._stop = asyncio.Event()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._poll_db(), name="poll-db")
+                tg.create_task(self._alerts(), name="alerts")
+        except* Exception as eg:  # reported in the results; the run goes on
+            self.data.errors.extend(repr(e) for e in eg.exceptions)
+            self._ready.set()
+
+    async def _poll_db(self) -> None:
+        conn = await asyncpg.connect(self.settings.dsn)
+        self._ready.set()
+        assert self._stop is not None
+        sql = (
+            "SELECT sensor_id, (extract(epoch FROM ts) * 1000)::int8 FROM readings "
+            "WHERE sensor_id = ANY($1::text[]) AND metric = $2 AND ts >= to_timestamp($3 / 1000.0)"
+        )
+        try:
+            while not self._stop.is_set():
+                since = self.pending_since()
+                rows = await conn.fetch(sql, self.probe_ids, MARKER_METRIC, since)
+                now = _now_ms()
+                for sensor, ts in rows:
+                    key = (sensor, int(ts))
+                    if key not in self.seen:
+                        self.seen[key] = None
+                        if key in self.probes_sent():
+                            self.data.stored_latency.append((now, float(now - ts)))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), self.poll_s)
+        finally:
+            await conn.close()
+
+    async def _alerts(self) -> None:
+        assert self._stop is not None
+        consumer = make_consumer(
+            self.settings,
+            self.settings.topic("alerts"),
+            group_id=f"bench-alerts-{uuid.uuid4().hex[:6]}",
+            auto_offset_reset="latest",
+        )
+        await consumer.start()
+        try:
+            while not self._stop.is_set():
+                batch = await consumer.getmany(timeout_ms=100, max_records=5000)
+                now = _now_ms()
+                for records in batch.values():
+                    for r in records:
+                        self.data.alerts += 1
+                        ev = orjson.loads(r.value)
+                        if ev.get("rule") == MARKER_RULE and ev.get("state") == "firing":
+                            self.data.alert_latency.append((now, float(now - ev["ts_ms"])))
+        finally:
+            await consumer.stop()
+
+
+def _ready(port: int) -> bool:
+    with (
+        contextlib.suppress(OSError),
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1.0) as resp,
+    ):
+        return bool(resp.status == 200)
+    return False
+
+
+def _proc_tree_cpu_rss(pids: Sequence[int]) -> tuple[float, float]:
+    """(CPU seconds user+system, RSS MB) of these processes and their children."""
+    cpu = rss = 0.0
+    for pid in pids:
+        try:
+            p = psutil.Process(pid)
+            procs = [p, *p.children(recursive=True)]
+        except psutil.Error:
+            continue
+        for q in procs:
+            with contextlib.suppress(psutil.Error):
+                t = q.cpu_times()
+                cpu += t.user + t.system
+                rss += q.memory_info().rss / 1e6
+    return cpu, rss
+
+
+def _machine() -> dict[str, Any]:
+    model = platform.processor()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "memory_gb": round(psutil.virtual_memory().total / 1e9, 1),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+class Bench:
+    """One benchmark run; :meth:`run` returns the results dict (also written as JSON)."""
+
+    def __init__(self, opts: BenchOptions) -> None:
+        self.opts = opts
+        self.state = Path(tempfile.mkdtemp(prefix="citypulse-bench-"))
+        self.stack = EmbeddedStack(self.state)
+        self.children: list[Child] = []
+        self.samples: list[Sample] = []
+        self.phases: list[dict[str, Any]] = []
+        self.began = time.monotonic()
+        self.env: dict[str, str] = {}
+        self.settings: Settings | None = None
+
+    # -- setup --------------------------------------------------------------------------------
+    def _registry(self) -> Registry:
+        districts = len(DISTRICTS) if self.opts.sensors >= 8 * SILOS else 1
+        per = max(1, round(self.opts.sensors / (districts * SILOS)))
+        return generate_registry(districts, per, seed=1)
+
+    def _cli(self, *args: str, timeout_s: float = 300) -> str:
+        out = subprocess.run(
+            [*citypulse_argv(), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=timeout_s,
+        )
+        if out.returncode != 0:
+            raise BenchError(f"citypulse {' '.join(args)} failed:\n{out.stderr[-3000:]}")
+        return (out.stdout + out.stderr).strip()
+
+    def _setup(self, registry: Registry, probes: list[str]) -> dict[str, Any]:
+        self.stack.start()
+        prefix = f"bench{uuid.uuid4().hex[:6]}"
+        reg_path = self.state / "registry.yaml"
+        reg_path.write_text(dump_registry(registry))
+        rules_dir = self.state / "rules"
+        files = generate_rules(registry, self.opts.rules, probe_sensors(registry, len(probes)))
+        write_rule_files(rules_dir, files)
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("CITYPULSE_")}
+        self.env.update(self.stack.env())
+        self.env.update(
+            {
+                "CITYPULSE_REGISTRY": str(reg_path),
+                "CITYPULSE_RULES": str(rules_dir),
+                "CITYPULSE_STATE_DIR": str(self.state),
+                "CITYPULSE_TOPIC_PREFIX": prefix,
+                "CITYPULSE_LOG_LEVEL": "WARNING",
+            }
+        )
+        self.settings = Settings(
+            mqtt_url=self.stack.mosquitto.url,
+            kafka_bootstrap=self.stack.tansu.bootstrap,
+            database_url=self.stack.postgres.url(),
+            topic_prefix=prefix,
+            registry=reg_path,
+            rules=rules_dir,
+        )
+        check = self._cli("rules", "check", str(rules_dir))
+        self._cli("db", "migrate")
+        self._cli("registry", "load")
+        return {"rules_check": check, "rule_files": len(files), "topic_prefix": prefix}
+
+    def _start_services(self) -> None:
+        logs = self.state / "logs"
+        logs.mkdir(exist_ok=True)
+        plan = (
+            ("collector", ("collect",), self.opts.collectors),
+            ("writer", ("store",), self.opts.writers),
+            ("rules", ("rules", "run"), self.opts.rule_workers),
+        )
+        for name, args, count in plan:
+            for i in range(count):
+                child = Child(
+                    f"{name}-{i}", [*citypulse_argv(), *args], free_port(), logs / f"{name}-{i}.log"
+                )
+                env = dict(self.env)
+                if name == "collector":
+                    env["CITYPULSE_MQTT_CLIENT_ID"] = f"bench-collector-{i}"
+                child.start(env)
+                self.children.append(child)
+        deadline = time.monotonic() + 90
+        waiting = list(self.children)
+        while waiting and time.monotonic() < deadline:
+            self._check_children()
+            waiting = [c for c in waiting if not _ready(c.metrics_port)]
+            time.sleep(0.3)
+        if waiting:
+            names = ", ".join(c.name for c in waiting)
+            raise BenchError(f"not ready after 90 s: {names} (logs in {logs})")
+
+    def _check_children(self) -> None:
+        for c in self.children:
+            if c.proc is not None and c.proc.poll() is not None:
+                tail = c.log_path.read_text(errors="replace")[-2000:]
+                raise BenchError(f"{c.name} exited with {c.proc.returncode}:\n{tail}")
+
+    # -- measuring ----------------------------------------------------------------------------
+    def _counter(self, prefix: str, metric: str) -> float:
+        return sum(
+            scrape(c.metrics_port, metric) or 0.0
+            for c in self.children
+            if c.name.startswith(prefix)
+        )
+
+    def _service_pids(self) -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {}
+        for c in self.children:
+            if c.proc is not None:
+                out.setdefault(c.name.rsplit("-", 1)[0], []).append(c.proc.pid)
+        for name, server in (
+            ("mosquitto", self.stack.mosquitto),
+            ("tansu", self.stack.tansu),
+            ("postgres", self.stack.postgres),
+        ):
+            if server.proc is not None:
+                out[name] = [server.proc.pid]
+        return out
+
+    def _resources(self, extra: dict[str, list[int]]) -> dict[str, tuple[float, float]]:
+        pids = {**self._service_pids(), **extra}
+        return {name: _proc_tree_cpu_rss(p) for name, p in pids.items()}
+
+    def _phase(
+        self,
+        name: str,
+        pubs: Publishers,
+        seconds: float,
+        progress: Progress,
+        rate: float | None,
+    ) -> dict[str, Any]:
+        """Drive one phase: fixed ``rate`` (readings/s), or ramp to the sustained maximum."""
+        task = progress.add_task(name, total=seconds)
+        start = time.monotonic()
+        res0 = self._resources({"publishers": pubs.pids})
+        stored0 = self._counter("writer", STORED)
+        target = rate if rate is not None else 2000.0
+        pubs.set_rate(target)
+        history: list[tuple[float, float, float]] = []  # (t, acked, stored)
+        while (elapsed := time.monotonic() - start) < seconds:
+            time.sleep(0.5)
+            self._check_children()
+            acked, stored = pubs.acked, self._counter("writer", STORED)
+            accepted = self._counter("collector", ACCEPTED)
+            now = time.monotonic()
+            history.append((now, acked, stored))
+            if rate is None and len(history) >= 2:
+                # Ramp: raise the offered rate while the pipeline keeps up (backlog under
+                # ~1 s of traffic); once it falls behind, offer what it actually stores.
+                t_prev, _, s_prev = history[-2]
+                stored_rate = (stored - s_prev) / (now - t_prev)
+                backlog = acked - stored
+                if backlog < max(0.5 * target, 5000):
+                    target *= 1.25
+                else:
+                    target = max(1000.0, 0.97 * max(stored_rate, 0.5 * target))
+                pubs.set_rate(target)
+            self.samples.append(Sample(now - self.began, name, target, acked, accepted, stored))
+            window = [h for h in history if now - h[0] <= 3.0]
+            shown = (
+                (window[-1][2] - window[0][2]) / (window[-1][0] - window[0][0])
+                if len(window) > 1
+                else 0.0
+            )
+            progress.update(
+                task,
+                completed=elapsed,
+                description=f"{name}: offered {target:,.0f}/s, stored {shown:,.0f} readings/s",
+            )
+        progress.update(task, completed=seconds)
+        end = time.monotonic()
+        res1 = self._resources({"publishers": pubs.pids})
+        # Steady state: the last 60 % of the phase (the first part ramps or warms up).
+        steady = [h for h in history if h[0] >= start + 0.4 * seconds]
+        if len(steady) >= 2:
+            sustained = (steady[-1][2] - steady[0][2]) / (steady[-1][0] - steady[0][0])
+            offered = (steady[-1][1] - steady[0][1]) / (steady[-1][0] - steady[0][0])
+        else:
+            sustained = offered = 0.0
+        stored_total = self._counter("writer", STORED) - stored0
+        return {
+            "phase": name,
+            "start_ms": _now_ms() - round((end - start) * 1000),
+            "steady_from_ms": _now_ms() - round((end - start - 0.4 * seconds) * 1000),
+            "end_ms": _now_ms(),
+            "seconds": round(end - start, 2),
+            "offered_readings_per_s": round(offered, 1),
+            "stored_readings_per_s": round(sustained, 1),
+            "stored_readings": int(stored_total),
+            "cpu_s": {k: round(res1[k][0] - res0.get(k, (0.0, 0.0))[0], 2) for k in res1},
+            "rss_mb": {k: round(res1[k][1], 1) for k in res1},
+        }
+
+    def _drain(self, pubs: Publishers, timeout_s: float = 60.0) -> float:
+        """Stop offering; wait until the writer stored what was acknowledged (or stalls)."""
+        pubs.set_rate(0)
+        t0 = time.monotonic()
+        last, still = -1.0, 0.0
+        while time.monotonic() - t0 < timeout_s:
+            stored = self._counter("writer", STORED)
+            accepted = self._counter("collector", ACCEPTED)
+            if stored >= accepted and accepted >= pubs.acked * 0.999:
+                break
+            if stored == last:
+                still += 0.5
+                if still >= 5:
+                    break
+            else:
+                still = 0
+            last = stored
+            time.sleep(0.5)
+        return round(time.monotonic() - t0, 2)
+
+    # -- the run ------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        o = self.opts
+        o.out.mkdir(parents=True, exist_ok=True)
+        registry = self._registry()
+        probes = probe_sensors(registry, o.probes)
+        probe_ids = {s.id for s in probes}
+        bulk = [s for s in registry.sensors if s.id not in probe_ids]
+        results: dict[str, Any] = {
+            "version": 1,
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "machine": _machine(),
+            "options": {
+                **{k: v for k, v in asdict(o).items() if k not in ("out", "modes")},
+                "modes": [str(m) for m in o.modes],
+            },
+            "sensors": len(registry.sensors),
+        }
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TimeElapsedColumn(),
+            console=console,
+        ) as progress:
+            step = progress.add_task("starting the embedded stack", total=None)
+            results["setup"] = self._setup(registry, [s.id for s in probes])
+            assert self.settings is not None
+            results["rules"] = o.rules + 1
+            templates = {m: [templates_for(s, m) for s in bulk] for m in o.modes}
+            progress.update(step, description="ceilings of the raw components", total=None)
+            results["ceilings"] = self._ceilings(registry, templates, progress)
+            progress.update(step, description="starting the services")
+            self._start_services()
+            progress.remove_task(step)
+            observers = _Observers(self.settings, sorted(probe_ids))
+            observers.start()
+            rss_start = {k: v[1] for k, v in self._resources({}).items()}
+            modes: dict[str, Any] = {}
+            try:
+                for mode in o.modes:
+                    modes[str(mode)] = self._mode(
+                        mode, templates[mode], probes, observers, progress
+                    )
+            finally:
+                observers.stop()
+            rss_end = {k: v[1] for k, v in self._resources({}).items()}
+        results["modes"] = modes
+        results["rss_mb"] = {
+            k: {"start": round(rss_start.get(k, 0.0), 1), "end": round(v, 1)}
+            for k, v in rss_end.items()
+        }
+        results["alerts_seen"] = observers.data.alerts
+        results["observer_errors"] = observers.data.errors
+        results["ratios"] = _ratios(results)
+        results["timeseries"] = [asdict(s) for s in self.samples]
+        results["latency_samples"] = {
+            "stored": observers.data.stored_latency,
+            "alert": observers.data.alert_latency,
+        }
+        return results
+
+    def _ceilings(
+        self,
+        registry: Registry,
+        templates: dict[Mode, list[list[Template]]],
+        progress: Progress,
+    ) -> dict[str, Any]:
+        assert self.settings is not None
+        o = self.opts
+        out: dict[str, Any] = {}
+        validator = Validator(registry, Limits())
+        for mode, per_sensor in templates.items():
+            task = progress.add_task(f"ceilings: {mode}", total=None)
+            per_msg = sum(t.readings for ts in per_sensor for t in ts) / sum(map(len, per_sensor))
+            mqtt = mqtt_ceiling(
+                self.stack.mosquitto.url, shard(per_sensor, o.publishers), o.ceiling_s, per_msg
+            )
+            now = _now_ms()
+            records = []
+            for ts in per_sensor[:500]:
+                for t in ts:
+                    batch = validator.validate(t.topic, t.render(now), now)
+                    assert isinstance(batch, ReadingBatch)
+                    records.append((batch.sensor.encode(), batch.encode()))
+            kafka = asyncio.run(kafka_ceiling(self.settings, records, o.kafka_ceiling_records))
+            kafka["readings_per_s"] = round(kafka["produce_records_per_s"] * per_msg, 1)
+            kafka["consume_readings_per_s"] = round(kafka["consume_records_per_s"] * per_msg, 1)
+            out[str(mode)] = {"mqtt": mqtt, "kafka": kafka}
+            progress.remove_task(task)
+        task = progress.add_task("ceilings: COPY into readings", total=None)
+        scratch = "bench_copy"
+        dsn = self.stack.postgres.url(scratch)
+
+        async def create() -> None:
+            conn = await asyncpg.connect(self.stack.postgres.url("postgres"))
+            try:
+                await conn.execute(f"CREATE DATABASE {scratch}")
+            finally:
+                await conn.close()
+
+        asyncio.run(create())
+        env, self.env = self.env, {**self.env, "CITYPULSE_DATABASE_URL": dsn}
+        try:
+            self._cli("db", "migrate")
+        finally:
+            self.env = env
+        out["copy"] = asyncio.run(copy_ceiling(dsn, o.copy_ceiling_rows))
+        progress.remove_task(task)
+        return out
+
+    def _mode(
+        self,
+        mode: Mode,
+        per_sensor: list[list[Template]],
+        probes: list[Any],
+        observers: _Observers,
+        progress: Progress,
+    ) -> dict[str, Any]:
+        o = self.opts
+        assert self.settings is not None
+        pubs = Publishers(self.stack.mosquitto.url, shard(per_sensor, o.publishers))
+        pubs.start()
+        probe = Probe(self.stack.mosquitto.url, probes, mode, o.probe_hz)
+
+        def pending_since() -> int:
+            # The oldest probe of the last 10 s not yet seen in the database bounds the poll.
+            now = _now_ms()
+            since = now - 2000
+            for key in reversed(list(probe.sent)[-400:]):
+                if now - key[1] > 10_000:
+                    break
+                if key not in observers.seen:
+                    since = min(since, key[1])
+            return since
+
+        observers.pending_since = pending_since
+        observers.probes_sent = lambda: probe.sent
+        probe.start()
+        out: dict[str, Any] = {}
+        try:
+            ramp = self._phase(f"{mode} ramp", pubs, o.duration_s, progress, None)
+            ramp["drain_s"] = self._drain(pubs)
+            out["ramp"] = ramp
+            top = ramp["stored_readings_per_s"]
+            out["sustained_readings_per_s"] = top
+            per_msg = sum(t.readings for ts in per_sensor for t in ts) / sum(map(len, per_sensor))
+            out["sustained_messages_per_s"] = round(top / per_msg, 1)
+            out["cpu_s_per_million"] = {
+                k: round(v / ramp["stored_readings"] * 1e6, 2) if ramp["stored_readings"] else None
+                for k, v in ramp["cpu_s"].items()
+            }
+            out["latency"] = {}
+            for share in (0.5, 0.9):
+                label = f"{round(share * 100)}%"
+                ph = self._phase(
+                    f"{mode} at {label}", pubs, max(4.0, o.duration_s / 2), progress, share * top
+                )
+                ph["drain_s"] = self._drain(pubs)
+                lo, hi = ph["steady_from_ms"] - 1, ph["end_ms"]
+                stored = [lat for at, lat in observers.data.stored_latency if lo <= at <= hi]
+                alert = [lat for at, lat in observers.data.alert_latency if lo <= at <= hi]
+                ph["stored_latency_ms"] = _pct(stored)
+                ph["alert_latency_ms"] = _pct(alert)
+                out["latency"][label] = ph
+        finally:
+            probe.stop()
+            pubs.stop()
+        return out
+
+    def close(self) -> None:
+        for child in reversed(self.children):
+            child.stop()
+        self.stack.stop()
+        shutil.rmtree(self.state, ignore_errors=True)
+
+
+def _ratios(results: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    copy_rate = results["ceilings"]["copy"]["rows_per_s"]
+    for mode, m in results["modes"].items():
+        c = results["ceilings"][mode]
+        rate = m["sustained_readings_per_s"]
+        out[mode] = {
+            "mqtt_subscriber": round(rate / c["mqtt"]["readings_per_s"], 3)
+            if c["mqtt"]["readings_per_s"]
+            else None,
+            "kafka_produce": round(rate / c["kafka"]["readings_per_s"], 3),
+            "kafka_consume": round(rate / c["kafka"]["consume_readings_per_s"], 3),
+            "postgres_copy": round(rate / copy_rate, 3),
+        }
+    return out
+
+
+def run_bench(opts: BenchOptions) -> dict[str, Any]:
+    """Run the benchmark; write ``bench.json`` and ``bench.png`` under ``opts.out``.
+
+    Returns:
+        The results (the same as the JSON file).
+    """
+    from deploy.bench._plot import plot
+
+    bench = Bench(opts)
+    try:
+        results = bench.run()
+    finally:
+        bench.close()
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    opts.out.mkdir(parents=True, exist_ok=True)
+    json_path = opts.out / f"bench-{stamp}.json"
+    png_path = opts.out / f"bench-{stamp}.png"
+    try:
+        plot(results, png_path)
+        results["plot"] = str(png_path)
+    except ImportError:
+        results["plot"] = None
+    json_path.write_text(json.dumps(results, indent=1))
+    shutil.copyfile(json_path, opts.out / "latest.json")
+    if results["plot"]:
+        shutil.copyfile(png_path, opts.out / "latest.png")
+    results["json"] = str(json_path)
+    return results

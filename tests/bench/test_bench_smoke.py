@@ -1,0 +1,76 @@
+"""Smoke test of ``citypulse bench --quick``: it runs end to end and reports every figure."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from deploy.bench import Mode, generate_rules, probe_sensors, templates_for
+from deploy.simulator import generate_registry
+from rules import check_rules
+
+
+def test_generated_rules_are_valid_for_the_engine(tmp_path: Path) -> None:
+    """200+ generated rules (windowed, stale, cross-sensor, marker) pass the rules checker."""
+    registry = generate_registry(8, 3, seed=1)
+    files = generate_rules(registry, 220, probe_sensors(registry, 4))
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    ruleset, errors = check_rules([tmp_path], registry)
+    assert errors == []
+    assert ruleset is not None
+    assert len(ruleset) == 221
+    text = "".join(files.values())
+    assert "stale(" in text
+    assert "group.avg(" in text
+    assert "avg(" in text
+
+
+def test_templates_carry_ten_readings_per_batch() -> None:
+    """Batch and SenML templates hold 10 readings; the clock is written into every slot."""
+    registry = generate_registry(1, 1, seed=1)
+    for sensor in registry.sensors:
+        for mode in (Mode.BATCH, Mode.SENML):
+            (tpl,) = templates_for(sensor, mode)
+            assert tpl.readings == 10
+            assert b"1700000000" in tpl.render(1_700_000_000_123)
+
+
+@pytest.mark.integration
+def test_bench_quick_writes_results(tmp_path: Path) -> None:
+    """`citypulse bench --quick --mode batch` writes JSON with non-zero rates and a plot."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from citypulse.cli import main; main()",
+            "bench",
+            "--quick",
+            "--mode",
+            "batch",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    results = json.loads((tmp_path / "latest.json").read_text())
+    for key in ("machine", "ceilings", "modes", "ratios", "rss_mb", "timeseries"):
+        assert key in results
+    batch = results["modes"]["batch"]
+    assert batch["sustained_readings_per_s"] > 0
+    assert set(batch["latency"]) == {"50%", "90%"}
+    assert batch["latency"]["50%"]["stored_latency_ms"]["n"] > 0
+    assert batch["latency"]["50%"]["alert_latency_ms"]["n"] > 0
+    assert set(batch["cpu_s_per_million"]) >= {"collector", "writer", "rules"}
+    assert results["ceilings"]["batch"]["mqtt"]["messages_per_s"] > 0
+    assert results["ceilings"]["batch"]["kafka"]["produce_records_per_s"] > 0
+    assert results["ceilings"]["copy"]["rows_per_s"] > 0
+    assert (tmp_path / "latest.png").stat().st_size > 0
