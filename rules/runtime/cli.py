@@ -42,6 +42,12 @@ def add_commands(app: typer.Typer) -> None:
         resend_s: Annotated[
             float, typer.Option(help="re-send firing alerts to Alertmanager this often")
         ] = 60.0,
+        reload_poll_s: Annotated[
+            float, typer.Option(help="check rule files for changes this often; 0 = on SIGHUP only")
+        ] = 1.0,
+        session_timeout_ms: Annotated[
+            int, typer.Option(help="consumer-group session timeout (crash detection), ms")
+        ] = 10_000,
     ) -> None:
         """Evaluate rules on the readings stream (a member of the rules consumer group)."""
         from citypulse.cli import settings_of
@@ -66,6 +72,8 @@ def add_commands(app: typer.Typer) -> None:
             checkpoint_s=checkpoint_s,
             tick_s=tick_s,
             resend_s=resend_s,
+            reload_poll_s=reload_poll_s,
+            session_timeout_ms=session_timeout_ms,
         )
         raise typer.Exit(run_worker(settings, options))
 

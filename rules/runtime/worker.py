@@ -68,6 +68,8 @@ class WorkerOptions:
         max_poll_records: records fetched per poll, at most (bounds memory per step).
         sink_retry_s: how long a failing sink (database, Kafka, MQTT) is retried before the
             worker gives up and exits.
+        session_timeout_ms: consumer-group session timeout: how soon the partitions of a
+            crashed worker move to the others (heartbeats every third of it).
     """
 
     checkpoint_records: int = 1000
@@ -77,6 +79,7 @@ class WorkerOptions:
     reload_poll_s: float = 1.0
     max_poll_records: int = 500
     sink_retry_s: float = 60.0
+    session_timeout_ms: int = 10_000
 
 
 @dataclass(slots=True)
@@ -196,6 +199,8 @@ class _Stage(ConsumerRebalanceListener):  # type: ignore[misc]
             self.w.settings,
             group_id=self.group_id,
             max_poll_records=self.w.options.max_poll_records,
+            session_timeout_ms=self.w.options.session_timeout_ms,
+            heartbeat_interval_ms=max(100, self.w.options.session_timeout_ms // 3),
         )
         self.consumer.subscribe([self.topic], listener=self)
         await self.consumer.start()
@@ -500,6 +505,8 @@ class RuleWorker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._reload.wait(), poll if poll > 0 else None)
             self._reload.clear()
+            if stop.is_set():
+                return
             await self.reload()
 
     async def _ticker(self, stop: asyncio.Event) -> None:
@@ -564,6 +571,7 @@ class RuleWorker:
                 async def watch() -> None:
                     await stop.wait()
                     inner.set()
+                    self._reload.set()  # wakes a reloader waiting for SIGHUP only
 
                 tg.create_task(watch(), name="rules-stop")
                 for stage in self.stages:

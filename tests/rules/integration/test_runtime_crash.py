@@ -56,11 +56,19 @@ def _start(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
                 "1",
                 "--checkpoint-records",
                 "40",
+                "--reload-poll-s",
+                "0",
+                "--session-timeout-ms",
+                "3000",
             ],
             env=_env(settings),
             stdout=out,
             stderr=subprocess.STDOUT,
         )
+
+
+async def _log_has(log: Path, text: str) -> bool:
+    return text in log.read_text()
 
 
 def _stream(t0: int) -> list[ReadingBatch]:
@@ -123,6 +131,19 @@ async def test_sigkill_and_restart_records_each_alert_once(
         await asyncio.sleep(1.5)  # a duplicate would arrive now
         rows = recorded(await alert_rows(rt_settings))
         assert sorted(rows) == sorted(expected), log.read_text()[-3000:]
+
+        # SIGHUP (the only reload trigger here) applies an edited rule: 3.0 bar is now low.
+        rules_file = rt_settings.rules / "rules.yaml"
+        rules_file.write_text(rules_file.read_text().replace("pressure < 2.0", "pressure < 3.5"))
+        proc.send_signal(signal.SIGHUP)
+        await eventually(lambda: _log_has(log, "rules reloaded"), bool, timeout_s=10)
+        await produce(
+            rt_settings, batch("wtr-0001", batches[-1].readings[0].ts_ms + 5000, pressure=3.0)
+        )
+        await eventually(
+            lambda: alert_rows(rt_settings), lambda rows: len(recorded(rows)) == len(expected) + 1
+        )
+
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, log.read_text()[-3000:]
     finally:
