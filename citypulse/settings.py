@@ -79,6 +79,10 @@ class Settings(BaseSettings):
     past_tolerance_s: float = Field(7 * 86400.0, description="refuse readings older than this")
     max_message_bytes: int = Field(256 * 1024, description="refuse larger MQTT payloads")
     max_records_per_message: int = Field(1000, description="refuse larger batches/packs")
+    vendor_rate_limit_per_s: float = Field(
+        0.0, description="readings/s per vendor per collector; 0 = no limit (rate_limited)"
+    )
+    vendor_rate_burst: float = Field(2000.0, gt=0, description="per-vendor bucket (readings)")
 
     # -- writer -------------------------------------------------------------------------------
     writer_batch_max: int = Field(5000, description="readings per database transaction, at most")

@@ -38,6 +38,7 @@ from citypulse.settings import Settings
 from citypulse.topics import UP_WILDCARD, SensorTopic
 from collectors import metrics
 from collectors.errors import CollectorError
+from collectors.ratelimit import VendorRateLimiter
 from collectors.validate import Limits, Validator, reject_notice
 from stream import ensure_topics, make_producer
 
@@ -115,6 +116,9 @@ class Collector:
             Limits.from_settings(settings),
         )
         self.client_id = default_client_id(settings)
+        self.limiter = VendorRateLimiter(
+            settings.vendor_rate_limit_per_s, settings.vendor_rate_burst
+        )
         self._connected = False
         self._subscribed = False
         self._kafka_ok = False
@@ -244,6 +248,8 @@ class Collector:
         records: list[tuple[str, bytes | None, bytes]] = []
         for m in batch:
             verdict = self.validator.validate(m.topic, m.payload, now_ms)
+            if isinstance(verdict, ReadingBatch) and self.limiter.enabled:
+                verdict = self.limiter.check(verdict, m.topic, m.payload, time.monotonic())
             verdicts.append(verdict)
             if isinstance(verdict, ReadingBatch):
                 records.append((readings_topic, verdict.sensor.encode(), verdict.encode()))
