@@ -28,6 +28,7 @@ import asyncpg
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
+from aiokafka.partitioner import DefaultPartitioner
 from pydantic import ValidationError
 
 from citypulse.events import AlertEvent, AlertState, CommandEvent, ReadingBatch
@@ -142,6 +143,52 @@ def _group_value(sensor: Any, group_by: str) -> str | None:
     return str(getattr(sensor, group_by, "")) or None
 
 
+def partition_of(key: str, partitions: int) -> int:
+    """The partition a record keyed ``key`` goes to (Kafka's default murmur2 partitioner, as
+    used by every citypulse producer)."""
+    every = list(range(partitions))
+    return int(DefaultPartitioner()(key.encode(), every, every))
+
+
+def effect_key(effect: Effect, stage: str, ruleset: Any, registry: Registry) -> str | None:
+    """The input key (sensor id, or ``"field=value"`` group key) an effect belongs to."""
+    if stage == "sensor":
+        if isinstance(effect, AlertEvent):
+            return effect.labels.get("sensor")
+        return effect.sensor
+    rule = ruleset.by_name.get(effect.rule)
+    if rule is None or rule.group_by is None:
+        return None
+    if isinstance(effect, AlertEvent):
+        value = effect.labels.get(rule.group_by.removeprefix("labels."))
+    else:
+        target = registry.by_id().get(effect.sensor)
+        value = _group_value(target, rule.group_by) if target is not None else None
+    return None if value is None else f"{rule.group_by}={value}"
+
+
+def owned_effects(
+    effects: Sequence[Effect],
+    stage: str,
+    partition: int,
+    partitions: int,
+    ruleset: Any,
+    registry: Registry,
+) -> list[Effect]:
+    """Effects of time passing (``engine.advance``) that belong to ``partition``.
+
+    Every partition's engine knows every sensor of the registry, so on a tick each would
+    report, say, a silent sensor whose readings go to another partition (it never sees them).
+    Only the partition the sensor (or group key) hashes to speaks for it.
+    """
+    out = []
+    for e in effects:
+        key = effect_key(e, stage, ruleset, registry)
+        if key is not None and partition_of(key, partitions) == partition:
+            out.append(e)
+    return out
+
+
 class _Stage(ConsumerRebalanceListener):  # type: ignore[misc]
     """One consumer-group stage with one engine per assigned partition."""
 
@@ -154,6 +201,7 @@ class _Stage(ConsumerRebalanceListener):  # type: ignore[misc]
         self.lock = asyncio.Lock()
         self.consumer: AIOKafkaConsumer | None = None
         self.running = False
+        self.partitions = worker.settings.partitions
 
     # -- rebalance ----------------------------------------------------------------------------
     async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
@@ -167,6 +215,9 @@ class _Stage(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
         assert self.consumer is not None
         async with self.lock:
+            self.partitions = len(self.consumer.partitions_for_topic(self.topic) or ()) or (
+                self.w.settings.partitions
+            )
             new = [tp for tp in assigned if tp.partition not in self.parts]
             snaps = await read_snapshots(
                 self.w.settings, (f"{self.name}:{tp.partition}" for tp in new)
@@ -270,7 +321,14 @@ class _Stage(ConsumerRebalanceListener):  # type: ignore[misc]
         async with self.lock:
             for part in list(self.parts.values()):
                 started = time.perf_counter()
-                effects = list(part.engine.advance(now_ms))
+                effects = owned_effects(
+                    part.engine.advance(now_ms),
+                    self.name,
+                    part.partition,
+                    self.partitions,
+                    part.engine.ruleset,
+                    self.w.registry,
+                )
                 metrics.EVALUATION_SECONDS.labels(self.name).observe(time.perf_counter() - started)
                 part.clock_ms = max(part.clock_ms, now_ms)
                 await self.w.emit(part, effects)

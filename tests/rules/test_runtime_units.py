@@ -10,7 +10,7 @@ from citypulse.events import AlertEvent, AlertState, Reading, ReadingBatch
 from citypulse.registry import Registry, load_registry
 from rules import RuleEngine, load_rules
 from rules.runtime import Snapshot, alert_payload
-from rules.runtime.worker import _process_group
+from rules.runtime.worker import _process_group, owned_effects, partition_of
 
 DATA = Path(__file__).parent / "integration" / "data"
 
@@ -121,3 +121,27 @@ def test_group_stage_keeps_only_the_effects_of_its_own_key(
         "district=north": [("DistrictLow", AlertState.FIRING)],
         "silo=water": [("SiloLow", AlertState.FIRING)],
     }
+
+
+def test_time_passing_is_reported_by_the_owning_partition_only(
+    registry: Registry, tmp_path: Path
+) -> None:
+    """Every partition's engine sees every sensor go silent on a tick; after ownership
+    filtering each silent sensor is reported by exactly one partition, its own."""
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        "groups:\n  - name: live\n    rules:\n"
+        "      - {name: Silent, select: {silo: water}, expr: stale(3)}\n"
+    )
+    ruleset = load_rules([path], registry)
+    reported: list[tuple[int, str]] = []
+    for partition in (0, 1):
+        engine = RuleEngine(ruleset, registry)
+        engine.advance(0)
+        raw = engine.advance(600_000)  # 10 minutes of silence, 60 s intervals
+        assert len(raw) == 3  # each engine alone would report all three
+        for e in owned_effects(raw, "sensor", partition, 2, ruleset, registry):
+            assert isinstance(e, AlertEvent)
+            reported.append((partition, e.labels["sensor"]))
+    assert sorted(s for _, s in reported) == ["wtr-0001", "wtr-0002", "wtr-0003"]
+    assert all(partition_of(s, 2) == p for p, s in reported)
