@@ -331,6 +331,10 @@ class _Stage(ConsumerRebalanceListener):  # type: ignore[misc]
                 )
                 metrics.EVALUATION_SECONDS.labels(self.name).observe(time.perf_counter() - started)
                 part.clock_ms = max(part.clock_ms, now_ms)
+                if effects:
+                    # State changed with time alone: snapshot it soon, or a crash would let
+                    # a later tick raise the same change again at another time.
+                    part.dirty += 1
                 await self.w.emit(part, effects)
                 if resend and part.firing:
                     await self.w.notify(list(part.firing.values()))

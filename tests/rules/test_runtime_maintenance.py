@@ -30,8 +30,8 @@ def registry() -> Registry:
     return load_registry(REGISTRY)
 
 
-def ms(*args: int) -> int:
-    return round(datetime(*args, tzinfo=BERLIN).timestamp() * 1000)  # type: ignore[misc]
+def ms(year: int, month: int, day: int, hour: int, minute: int) -> int:
+    return round(datetime(year, month, day, hour, minute, tzinfo=BERLIN).timestamp() * 1000)
 
 
 def test_window_covers_scoped_sensors_in_local_time(registry: Registry) -> None:

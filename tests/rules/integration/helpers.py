@@ -51,7 +51,7 @@ async def produce(settings: Settings, *batches: ReadingBatch) -> None:
 
 
 async def eventually(
-    probe: Callable[[], Awaitable[T]], ok: Callable[[T], bool], timeout_s: float = 20.0
+    probe: Callable[[], Awaitable[T]], ok: Callable[[T], object], timeout_s: float = 20.0
 ) -> T:
     """Poll ``probe`` until ``ok(result)``; fail with the last result after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s

@@ -46,6 +46,10 @@ async def _store(settings: Settings) -> None:
         await conn.close()
 
 
+def ms(minutes: int) -> int:
+    return round((T0 + timedelta(minutes=minutes)).timestamp() * 1000)
+
+
 def _engine(settings: Settings) -> RuleEngine:
     registry = load_registry(DATA / "registry.yaml")
     return RuleEngine(RuleSource(settings.rules, registry).load().ruleset, registry)
@@ -61,7 +65,6 @@ async def test_backtest_reports_when_alerts_would_have_fired(rt_settings: Settin
     got = sorted(
         (a.labels["sensor"], a.state, a.ts_ms) for a in first.new if a.rule == "WaterLowPressure"
     )
-    ms = lambda minutes: round((T0 + timedelta(minutes=minutes)).timestamp() * 1000)  # noqa: E731
     assert got == [
         ("wtr-0001", "firing", ms(1)),
         ("wtr-0001", "firing", ms(5)),

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -105,9 +106,9 @@ async def test_sigkill_and_restart_records_each_alert_once(
     expected = _expected(rt_settings, batches)
     assert len(expected) == 3 * 10  # 5 low phases per sensor: 5 firing + 5 resolved
 
-    def recorded(rows: list[dict[str, object]]) -> list[tuple[str, str, int]]:
+    def recorded(rows: list[dict[str, Any]]) -> list[tuple[str, str, int]]:
         return [
-            (r["labels"]["sensor"], r["state"], round(r["ts"].timestamp() * 1000))  # type: ignore[index,union-attr]
+            (r["labels"]["sensor"], r["state"], round(r["ts"].timestamp() * 1000))
             for r in rows
             if r["rule"] == "WaterLowPressure" and r["state"] in ("firing", "resolved")
         ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 
@@ -15,9 +16,9 @@ pytestmark = pytest.mark.integration
 WATER = ("wtr-0001", "wtr-0002", "wtr-0003")  # keys on both of the 2 partitions
 
 
-def _changes(rows: list[dict[str, object]], state: str) -> list[str]:
+def _changes(rows: list[dict[str, Any]], state: str) -> list[str]:
     return sorted(
-        str(r["labels"]["sensor"])  # type: ignore[index]
+        str(r["labels"]["sensor"])
         for r in rows
         if r["rule"] == "WaterLowPressure" and r["state"] == state
     )

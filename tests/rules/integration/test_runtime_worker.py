@@ -7,6 +7,7 @@ import asyncio
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY
@@ -30,7 +31,7 @@ from .helpers import (
 pytestmark = pytest.mark.integration
 
 
-def firing(rows: list[dict[str, object]], rule: str) -> list[dict[str, object]]:
+def firing(rows: list[dict[str, Any]], rule: str) -> list[dict[str, Any]]:
     return [r for r in rows if r["rule"] == rule and r["state"] == "firing"]
 
 
@@ -115,7 +116,7 @@ def _metric(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
-async def _copy(inbox: MqttInbox) -> list[tuple[str, dict[str, object]]]:
+async def _copy(inbox: MqttInbox) -> list[tuple[str, dict[str, Any]]]:
     return list(inbox.messages)
 
 
