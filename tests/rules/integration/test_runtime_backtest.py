@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 import pytest
@@ -99,6 +101,16 @@ async def test_backtest_reports_when_alerts_would_have_fired(rt_settings: Settin
     # The command line gives the same answer as JSON.
     from citypulse.cli import app
 
+    # The CLI installs its log handler on the runner's (soon closed) stderr: put ours back.
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    try:
+        await _cli_checks(app, rt_settings, end, second.new)
+    finally:
+        root.handlers[:], root.level = saved[0], saved[1]
+
+
+async def _cli_checks(app: Any, rt_settings: Settings, end: datetime, new: list[Any]) -> None:
     result = await asyncio.to_thread(
         CliRunner().invoke,
         app,
@@ -107,4 +119,14 @@ async def test_backtest_reports_when_alerts_would_have_fired(rt_settings: Settin
     )
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
-    assert out["counts"] == {"new": len(second.new), "missing": 1, "same": 1}
+    assert out["counts"] == {"new": len(new), "missing": 1, "same": 1}
+    table = await asyncio.to_thread(
+        CliRunner().invoke,
+        app,
+        ["rules", "backtest", "--from", T0.isoformat(), "--to", end.isoformat()],
+        env={**_env(rt_settings), "COLUMNS": "200"},
+    )
+    assert table.exit_code == 0, table.output
+    assert "missing" in table.stdout
+    assert "sensor=wtr-0003" in table.stdout
+    assert f"new {len(new)}, missing 1, same 1" in table.stdout
