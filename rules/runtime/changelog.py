@@ -86,6 +86,33 @@ class Snapshot:
         )
 
 
+async def ensure_runtime_topics(settings: Settings) -> None:
+    """Create the re-key topic and the (compacted) state topic unless they exist."""
+    import contextlib
+
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.errors import TopicAlreadyExistsError
+
+    from stream import ensure_topics
+
+    await ensure_topics(settings, names=(REKEY_TOPIC,))
+    admin = AIOKafkaAdminClient(**client_options(settings))
+    await admin.start()
+    try:
+        if settings.topic(STATE_TOPIC) not in set(await admin.list_topics()):
+            # Compaction keeps the latest snapshot per key, so restoring stays quick.
+            topic = NewTopic(
+                settings.topic(STATE_TOPIC),
+                settings.partitions,
+                settings.replication_factor,
+                topic_configs={"cleanup.policy": "compact"},
+            )
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await admin.create_topics([topic])
+    finally:
+        await admin.close()
+
+
 async def read_snapshots(settings: Settings, keys: Iterable[str]) -> dict[str, Snapshot]:
     """The latest snapshot of each of ``keys`` (absent when none was ever written)."""
     wanted = set(keys)

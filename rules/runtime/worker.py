@@ -38,7 +38,13 @@ from citypulse.settings import Settings
 from citypulse.yamlsrc import YamlSourceError
 from rules.runtime import metrics
 from rules.runtime.alertmanager import AlertmanagerClient
-from rules.runtime.changelog import REKEY_TOPIC, STATE_TOPIC, Snapshot, read_snapshots
+from rules.runtime.changelog import (
+    REKEY_TOPIC,
+    STATE_TOPIC,
+    Snapshot,
+    ensure_runtime_topics,
+    read_snapshots,
+)
 from rules.runtime.errors import AlertmanagerError, RuntimeFault, SinkError
 from rules.runtime.maintenance import Maintenance
 from rules.runtime.sinks import MqttPublisher, Sinks
@@ -605,7 +611,7 @@ class RuleWorker:
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set; then checkpoint, commit and close everything."""
         await ensure_topics(self.settings)
-        await ensure_topics(self.settings, names=(REKEY_TOPIC, STATE_TOPIC))
+        await ensure_runtime_topics(self.settings)
         pool = await asyncpg.create_pool(self.settings.dsn, min_size=1, max_size=4)
         self._producer = make_producer(self.settings)
         await self._producer.start()
