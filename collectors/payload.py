@@ -121,6 +121,10 @@ def loads(raw: bytes) -> Any:
             raise PayloadError(RejectReason.NON_FINITE, f"non-finite number {nonfinite}") from None
         except (ValueError, UnicodeDecodeError):
             pass
+        except RecursionError:
+            # Nesting deeper than orjson's limit (1024) would otherwise crash the collector
+            # on every redelivery of that message: a poison message. Found by the fuzz tests.
+            pass
         raise PayloadError(RejectReason.MALFORMED_JSON, str(exc)) from None
 
 
