@@ -9,6 +9,7 @@ the reader does not rely on it: it reads the whole topic and keeps the latest re
 from __future__ import annotations
 
 import base64
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -20,6 +21,7 @@ from citypulse.settings import Settings
 from stream import client_options
 
 STATE_TOPIC = "rules-state"
+_ZLIB = b"Z1"
 REKEY_TOPIC = "rules-rekey"
 
 
@@ -52,6 +54,11 @@ class Snapshot:
         return f"{self.stage}:{self.partition}"
 
     def encode(self) -> bytes:
+        """zlib-compressed JSON (windows of many sensors compress ~10x; Kafka caps a record
+        at about 1 MB by default)."""
+        return _ZLIB + zlib.compress(self._json(), 6)
+
+    def _json(self) -> bytes:
         return orjson.dumps(
             {
                 "v": 1,
@@ -71,6 +78,8 @@ class Snapshot:
 
     @classmethod
     def decode(cls, raw: bytes) -> Snapshot:
+        if raw.startswith(_ZLIB):
+            raw = zlib.decompress(raw[len(_ZLIB) :])
         d = orjson.loads(raw)
         firing = [AlertEvent.model_validate(e) for e in d.get("firing", [])]
         quiet = [(AlertEvent.model_validate(q["event"]), int(q["until_ms"])) for q in d["quiet"]]

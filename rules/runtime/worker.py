@@ -335,6 +335,7 @@ class _Stage(ConsumerRebalanceListener):  # type: ignore[misc]
                     part.engine.ruleset,
                     self.w.registry,
                 )
+                metrics.EVALUATIONS.labels(self.name).inc()
                 metrics.EVALUATION_SECONDS.labels(self.name).observe(time.perf_counter() - started)
                 part.clock_ms = max(part.clock_ms, now_ms)
                 if effects:
