@@ -65,6 +65,24 @@ sensors:
       pm25: {unit: ug/m3, min: 0, max: 1000}
 """
 
+RULES_YAML = """
+groups:
+  - name: faults
+    rules:
+      - name: FaultHighPressure
+        select: {silo: water}
+        expr: pressure > 14.5
+        severity: warning
+        annotations:
+          summary: "{{ $sensor }} reads {{ pressure }} bar"
+"""
+"""Fires on every reading of 15 bar, resolves on the next lower one (see ``Publisher``)."""
+
+RULE_WORKER = (
+    "rules run --tick-s 0 --checkpoint-s 1 --checkpoint-records 40 --reload-poll-s 0 "
+    "--session-timeout-ms 3000"
+)
+
 STREAM = (("aquasense", "wtr-0001", "pressure"), ("aquasense", "wtr-0002", "pressure"))
 
 
@@ -82,6 +100,8 @@ def service_env(settings: Settings, metrics_port: int, **extra: str) -> dict[str
         CITYPULSE_METRICS_PORT=str(metrics_port),
         CITYPULSE_WRITER_BATCH_MAX=str(settings.writer_batch_max),
         CITYPULSE_WRITER_BATCH_WAIT_MS=str(settings.writer_batch_wait_ms),
+        CITYPULSE_RULES=str(settings.rules),
+        CITYPULSE_STATE_DIR=str(settings.state_dir),
         CITYPULSE_LOG_JSON="false",
     )
     if settings.mqtt_ca_file is not None:
@@ -108,7 +128,11 @@ class Service:
     def start(self) -> Service:
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [str(CITYPULSE), self.command], env=self.env, cwd=ROOT, stdout=out, stderr=out
+                [str(CITYPULSE), *self.command.split()],
+                env=self.env,
+                cwd=ROOT,
+                stdout=out,
+                stderr=out,
             )
         self.starts += 1
         return self

@@ -11,6 +11,7 @@ longer run of the same test).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import tempfile
@@ -19,15 +20,22 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import asyncpg
+import orjson
 import psutil  # type: ignore[import-untyped]
 import pytest
 
+from citypulse.events import AlertEvent, Reading, ReadingBatch
+from citypulse.registry import load_registry
 from citypulse.settings import Settings
 from deploy.embedded import Mosquitto, Postgres
+from rules import RuleEngine
+from rules.runtime import RuleSource
 from storage import migrate
 
 from ._harness import (
     REGISTRY_YAML,
+    RULE_WORKER,
+    RULES_YAML,
     Publisher,
     Service,
     metric_values,
@@ -108,20 +116,74 @@ async def _reconcile(s: Settings, pub: Publisher, services: list[Service]) -> tu
     return rows, distinct
 
 
-async def test_sigkill_collector_then_writer_mid_stream_end_to_end(
+def _expected_alerts(s: Settings, pub: Publisher) -> set[tuple[str, str, int]]:
+    """(sensor, state, ts) of the firing/resolved events one engine raises over the stream,
+    computed in-process from the same readings."""
+    registry = load_registry(s.registry)
+    engine = RuleEngine(RuleSource(s.rules, registry).load().ruleset, registry)
+    out = set()
+    for i in range(pub.n):
+        topic, payload = pub.message(i)
+        _, _, vendor, sensor, _ = topic.split("/")
+        ((metric, value),) = orjson.loads(payload)["values"].items()
+        ts = pub.base_ms + i
+        b = ReadingBatch(
+            sensor=sensor, vendor=vendor, received_ms=ts, source="x",
+            readings=[Reading(ts_ms=ts, metric=metric, value=value, unit="bar")],
+        )  # fmt: skip
+        for e in engine.process(b, scope="all"):
+            if isinstance(e, AlertEvent) and e.state in ("firing", "resolved"):
+                out.add((e.labels["sensor"], str(e.state), e.ts_ms))
+    return out
+
+
+async def _alerts(dsn: str) -> list[tuple[str, str, int]]:
+    c = await asyncpg.connect(dsn)
+    try:
+        rows = await c.fetch(
+            "SELECT labels->>'sensor' AS sensor, state, ts FROM alert_events "
+            "WHERE state IN ('firing', 'resolved')"
+        )
+    finally:
+        await c.close()
+    return [(r["sensor"], r["state"], round(r["ts"].timestamp() * 1000)) for r in rows]
+
+
+async def _wait_alerts(
+    s: Settings, pub: Publisher
+) -> tuple[set[tuple[str, str, int]], list[tuple[str, str, int]]]:
+    """(expected, recorded) alert state changes, once the recorded ones cover the expected
+    (or 60 s passed) and 1.5 s more for a late duplicate."""
+    expected = _expected_alerts(s, pub)
+    deadline = time.monotonic() + 60
+    alerts = await _alerts(s.dsn)
+    while not set(alerts) >= expected and time.monotonic() < deadline:
+        await asyncio.sleep(0.3)
+        alerts = await _alerts(s.dsn)
+    await asyncio.sleep(1.5)
+    return expected, await _alerts(s.dsn)
+
+
+async def test_sigkill_collector_writer_and_rule_worker_mid_stream_end_to_end(
     make_settings: Callable[..., Settings],
     services: list[Service],
     publishers: list[Publisher],
     tmp_path: Path,
 ) -> None:
-    """Collector SIGKILLed at 1/4 of the stream and restarted, writer SIGKILLed at 1/2 and
-    restarted: every acknowledged message stored exactly once."""
-    s = make_settings()
+    """Collector SIGKILLed at 1/4 of the stream, writer at 1/2, rule worker at 3/4, each
+    restarted at once: every acknowledged message stored exactly once, and every alert state
+    change the rule raises recorded exactly once."""
+    rules_dir = tmp_path / "rules"
+    rules_dir.mkdir()
+    (rules_dir / "faults.yaml").write_text(RULES_YAML)
+    s = make_settings(rules=rules_dir, state_dir=tmp_path / "state")
     await migrate(s.dsn)
     collector = _service(services, "collect", s, tmp_path, "collector")
     writer = _service(services, "store", s, tmp_path, "writer")
+    worker = _service(services, RULE_WORKER, s, tmp_path, "rule-worker")
     collector.wait_ready()
     writer.wait_ready()
+    worker.wait_ready()
 
     def crash(svc: Service) -> Callable[[], None]:
         def hook() -> None:
@@ -131,17 +193,21 @@ async def test_sigkill_collector_then_writer_mid_stream_end_to_end(
         return hook
 
     n = 1200
-    pub = Publisher(
-        s.mqtt_url, n, rate_per_s=400, at={n // 4: crash(collector), n // 2: crash(writer)}
-    )
+    at = {n // 4: crash(collector), n // 2: crash(writer), 3 * n // 4: crash(worker)}
+    pub = Publisher(s.mqtt_url, n, rate_per_s=400, at=at)
     publishers.append(pub)
     pub.start()
     rows, _ = await _reconcile(s, pub, services)
-    assert collector.starts == 2
-    assert writer.starts == 2
-    assert collector.terminate() == 0
-    assert writer.terminate() == 0
-    print(f"sigkill end-to-end: published {n}, stored {rows} (retries {pub.retries})")
+    expected, alerts = await _wait_alerts(s, pub)
+    assert len(expected) > 100
+    assert sorted(alerts) == sorted(expected), worker.tail()
+    assert (collector.starts, writer.starts, worker.starts) == (2, 2, 2)
+    for svc in (collector, writer, worker):
+        assert svc.terminate() == 0, svc.tail()
+    print(
+        f"sigkill end-to-end: published {n}, stored {rows} (publisher retries {pub.retries}); "
+        f"{len(alerts)} alert state changes recorded, {len(expected)} expected"
+    )
 
 
 async def test_database_outage_writer_pauses_and_drains(
@@ -332,22 +398,30 @@ async def test_consumer_group_rebalance_mid_stream(
     publishers: list[Publisher],
     tmp_path: Path,
 ) -> None:
-    """A second writer and a second collector join mid-stream, then the first of each leaves
-    (SIGTERM): the Kafka group and the MQTT share group rebalance; exactly once."""
-    s = make_settings()
+    """A second writer, rule worker and collector join mid-stream, then the first of each
+    leaves (SIGTERM): the Kafka groups and the MQTT share group rebalance; every reading
+    stored once, every alert state change recorded once."""
+    rules_dir = tmp_path / "rules"
+    rules_dir.mkdir()
+    (rules_dir / "faults.yaml").write_text(RULES_YAML)
+    s = make_settings(rules=rules_dir, state_dir=tmp_path / "state")
     await migrate(s.dsn)
     c1 = _service(services, "collect", s, tmp_path, "collector-1")
     w1 = _service(services, "store", s, tmp_path, "writer-1")
+    r1 = _service(services, RULE_WORKER, s, tmp_path, "rule-worker-1")
     c1.wait_ready()
     w1.wait_ready()
+    r1.wait_ready()
     spare: dict[str, Service] = {}
 
     def join() -> None:
         spare["c2"] = _service(services, "collect", s, tmp_path, "collector-2").wait_ready()
         spare["w2"] = _service(services, "store", s, tmp_path, "writer-2").wait_ready()
+        spare["r2"] = _service(services, RULE_WORKER, s, tmp_path, "rule-worker-2").wait_ready()
 
     def leave() -> None:
         assert w1.terminate() == 0
+        assert r1.terminate() == 0
         assert c1.terminate() == 0
 
     def come_back() -> None:
@@ -363,6 +437,9 @@ async def test_consumer_group_rebalance_mid_stream(
     publishers.append(pub)
     pub.start()
     rows, _ = await _reconcile(s, pub, services)
+    expected, alerts = await _wait_alerts(s, pub)
+    assert sorted(alerts) == sorted(expected), spare["r2"].tail()
     assert spare["w2"].alive
     assert spare["c2"].alive
-    print(f"rebalance: published {n}, stored {rows}")
+    assert spare["r2"].alive
+    print(f"rebalance: published {n}, stored {rows}, {len(alerts)} alert state changes once")
