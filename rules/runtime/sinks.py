@@ -82,6 +82,9 @@ class MqttPublisher:
         if url.scheme == "mqtts":
             ca = str(settings.mqtt_ca_file) if settings.mqtt_ca_file else None
             self._client.tls_set_context(ssl.create_default_context(cafile=ca))
+        # Bounded: while the broker is away, publishes beyond this fail (and are retried by
+        # the worker) instead of piling up in memory.
+        self._client.max_queued_messages_set(1000)
         self._connected = asyncio.Event()
 
     async def start(self) -> None:

@@ -219,3 +219,29 @@ async def test_ticker_raises_staleness_on_the_wall_clock(rt_settings: Settings) 
         )
     assert [r["labels"]["sensor"] for r in firing(rows, "SensorSilent")] == ["wtr-0003"]
     assert _metric("citypulse_rules_alerts", state="firing") >= 1
+
+
+async def test_database_outage_delays_alerts_without_losing_them(rt_settings: Settings) -> None:
+    """While alert_events cannot be written the worker retries (and reports not ready);
+    once the table is back the alert is recorded, once."""
+    import asyncpg
+
+    from citypulse.service import HEALTH
+
+    t0 = time.time_ns() // 1_000_000 - 60_000
+    async with running_worker(rt_settings):
+        conn = await asyncpg.connect(rt_settings.dsn)
+        try:
+            await conn.execute("ALTER TABLE alert_events RENAME TO alert_events_away")
+            await produce(rt_settings, batch("wtr-0001", t0, pressure=1.0))
+            await eventually(lambda: _health(HEALTH, "rules-sinks"), lambda ok: ok is False)
+            await conn.execute("ALTER TABLE alert_events_away RENAME TO alert_events")
+        finally:
+            await conn.close()
+        await eventually(lambda: alert_rows(rt_settings), lambda r: firing(r, "WaterLowPressure"))
+        await eventually(lambda: _health(HEALTH, "rules-sinks"), bool)
+    assert len(firing(await alert_rows(rt_settings), "WaterLowPressure")) == 1
+
+
+async def _health(health: Any, name: str) -> bool:
+    return bool(health.status()[name])
