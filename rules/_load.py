@@ -121,14 +121,30 @@ class RuleSet:
         return iter(self.rules)
 
 
+MAINTENANCE_FILE = "maintenance.yaml"
+"""Maintenance windows live beside the rules (``rules.runtime.maintenance``), not as rules."""
+
+
 def rule_files(paths: Path | str | Iterable[Path | str]) -> list[Path]:
-    """The rule files named by ``paths``: files as given, directories' ``*.yaml``/``*.yml``."""
+    """The rule files named by ``paths``: files as given, directories' ``*.yaml``/``*.yml``.
+
+    A directory's :data:`MAINTENANCE_FILE` and hidden files (editors' swap files) are left out.
+    """
     items = [paths] if isinstance(paths, str | Path) else list(paths)
     out: list[Path] = []
     for item in items:
         p = Path(item)
         if p.is_dir():
-            out.extend(sorted(q for q in p.iterdir() if q.suffix in (".yaml", ".yml")))
+            out.extend(
+                sorted(
+                    q
+                    for q in p.iterdir()
+                    if q.suffix in (".yaml", ".yml")
+                    and q.is_file()
+                    and q.name != MAINTENANCE_FILE
+                    and not q.name.startswith(".")
+                )
+            )
         else:
             out.append(p)
     return out

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from citypulse.registry import Registry
+    from citypulse.yamlsrc import Located
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -34,7 +38,9 @@ def check(
         for p in exc.problems:
             typer.echo(str(p), err=True)
         raise typer.Exit(1) from None
-    ruleset, errors = check_rules(paths or [settings.rules], reg)
+    targets = paths or [settings.rules]
+    ruleset, errors = check_rules(targets, reg)
+    errors = [*errors, *_maintenance_errors(targets, reg)]
     for problem in errors:
         typer.echo(str(problem), err=True)
     warnings = ruleset.warnings if ruleset is not None else ()
@@ -46,6 +52,22 @@ def check(
     typer.echo(
         f"{len(ruleset.files)} file(s), {len(ruleset)} rule(s) ok, {len(warnings)} warning(s)"
     )
+
+
+def _maintenance_errors(targets: list[Path], reg: Registry) -> list[Located]:
+    """Problems of the maintenance-window files in the directories checked."""
+    from rules._load import MAINTENANCE_FILE
+    from rules.runtime.errors import MaintenanceFileError
+    from rules.runtime.maintenance import load_maintenance
+
+    problems: list[Located] = []
+    for target in targets:
+        if target.is_dir() and (target / MAINTENANCE_FILE).exists():
+            try:
+                load_maintenance(target / MAINTENANCE_FILE, reg)
+            except MaintenanceFileError as exc:
+                problems.extend(exc.problems)
+    return problems
 
 
 @app.command("test")

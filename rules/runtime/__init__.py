@@ -1,12 +1,12 @@
 """The rule engine runtime: Kafka worker group, checkpointed state, sinks, Alertmanager,
 maintenance windows, backtests and hot reload (see README.md)."""
 
+from rules._load import MAINTENANCE_FILE
 from rules.runtime.alertmanager import AlertmanagerClient, alert_payload
 from rules.runtime.backtest import BacktestAlert, BacktestReport, backtest
 from rules.runtime.changelog import REKEY_TOPIC, STATE_TOPIC, Snapshot, read_snapshots
 from rules.runtime.errors import AlertmanagerError, MaintenanceFileError, RuntimeFault, SinkError
 from rules.runtime.maintenance import (
-    MAINTENANCE_FILE,
     Maintenance,
     MaintenanceWindow,
     load_maintenance,

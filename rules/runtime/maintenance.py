@@ -34,10 +34,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from citypulse.durations import Duration
 from citypulse.registry import Registry, Sensor
 from citypulse.yamlsrc import Located, YamlSourceError, parse_located
+from rules._load import MAINTENANCE_FILE
 from rules.runtime.errors import MaintenanceFileError
-
-MAINTENANCE_FILE = "maintenance.yaml"
-"""Name of the maintenance-window file inside the rules directory."""
 
 Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 _WEEKDAYS: tuple[Weekday, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")

@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from citypulse.registry import Registry
-from rules.runtime.maintenance import MAINTENANCE_FILE, Maintenance, load_maintenance
-
-_SUFFIXES = (".yaml", ".yml")
+from rules._load import MAINTENANCE_FILE, rule_files
+from rules.runtime.maintenance import Maintenance, load_maintenance
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,16 +43,7 @@ class RuleSource:
         return base / MAINTENANCE_FILE
 
     def rule_files(self) -> list[Path]:
-        if not self.path.is_dir():
-            return [self.path]
-        return sorted(
-            p
-            for p in self.path.glob("*")
-            if p.suffix in _SUFFIXES
-            and p.is_file()
-            and p.name != MAINTENANCE_FILE
-            and not p.name.startswith(".")
-        )
+        return rule_files(self.path)
 
     def fingerprint(self) -> str:
         """Content hash of every rule file and the maintenance file."""

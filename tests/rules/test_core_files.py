@@ -105,6 +105,27 @@ def test_cli_check_examples_and_errors(tmp_path: Path) -> None:
     assert "6 error(s)" in res.output
 
 
+def test_cli_check_reads_the_maintenance_file_as_windows_not_rules(tmp_path: Path) -> None:
+    """A rules directory's maintenance.yaml is checked as windows, with located errors."""
+    runner = CliRunner()
+    rules_dir = tmp_path / "rules"
+    rules_dir.mkdir()
+    (rules_dir / "water.yaml").write_text((ROOT / "rules" / "examples" / "water.yaml").read_text())
+    (rules_dir / "maintenance.yaml").write_text(
+        (ROOT / "rules" / "examples" / "maintenance.yaml").read_text()
+    )
+    args = ["rules", "check", str(rules_dir), "--registry", str(REGISTRY)]
+    ok = runner.invoke(app, args)
+    assert ok.exit_code == 0, ok.output
+    assert "1 file(s)" in ok.output
+    (rules_dir / "maintenance.yaml").write_text(
+        "windows:\n  - name: w\n    start: '25:00'\n    duration: 1h\n    match: {}\n"
+    )
+    res = runner.invoke(app, args)
+    assert res.exit_code == 1
+    assert f"{rules_dir / 'maintenance.yaml'}:3:" in res.output
+
+
 def test_cli_test_examples_pass_and_failures_show_a_diff(tmp_path: Path) -> None:
     """`citypulse rules test` passes the shipped tests and fails with a readable diff."""
     runner = CliRunner()
