@@ -206,6 +206,8 @@ async def test_flooding_vendor_is_rate_limited_and_others_get_through(
             flood_s = time.monotonic() - started
             readings = _decode(await read_topic(s, "readings", until=normal_n + 50))
             dead = [Rejection.decode(v) for _, v in await read_topic(s, "deadletter", until=1)]
+            # The collector drains its queue after the flood ends; the bucket keeps refilling.
+            processing_s = time.monotonic() - started
         finally:
             flooder.close()
             normal.close()
@@ -215,7 +217,8 @@ async def test_flooding_vendor_is_rate_limited_and_others_get_through(
     assert {r.vendor for r in refused} == {"aquasense"}
     assert per_sensor["wtr-0001"] + len(refused) == flood_n
     # The bucket: at most the burst plus what the rate refilled while the flood lasted.
-    assert 50 <= per_sensor["wtr-0001"] <= 50 + 50 * flood_s + 5
+    assert 50 <= per_sensor["wtr-0001"] <= 50 + 50 * processing_s + 5
+    assert per_sensor["wtr-0001"] < flood_n // 4
     after = REGISTRY.get_sample_value(
         "citypulse_collector_messages_refused_total", {"reason": "rate_limited"}
     )
