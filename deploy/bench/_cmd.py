@@ -31,6 +31,8 @@ def summary(results: dict[str, Any]) -> Table:
     for col in ("50%: p50/p95/p99 stored ms", "50%: p99 alert ms", "90%: p99 stored/alert ms"):
         t.add_column(col, justify="right")
     for mode, m in results["modes"].items():
+        if mode not in results["ratios"] or "latency" not in m:
+            continue
         r = results["ratios"][mode]
         lat50 = m["latency"]["50%"]
         lat90 = m["latency"]["90%"]
@@ -87,5 +89,7 @@ def run_bench_cmd(
         console.print(f"[red]{exc}[/]")
         return 1
     console.print(summary(results))
+    if results.get("error"):
+        console.print(f"[red]run incomplete: {results['error']}[/]")
     console.print(f"results: {results['json']}  plot: {results['plot']}")
-    return 0
+    return 1 if results.get("error") else 0

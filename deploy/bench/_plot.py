@@ -49,8 +49,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
             )
             last = s["phase"]
     # Latency samples carry wall-clock ms; map them onto the series' clock.
-    if series:
-        start_ms = results["modes"][next(iter(results["modes"]))]["ramp"]["start_ms"]
+    first: dict[str, Any] = next(iter(results.get("modes", {}).values()), {})
+    if series and "ramp" in first:
+        start_ms = first["ramp"]["start_ms"]
         t0 = series[0]["t_s"]
         for key, label in (("stored", "publish -> stored"), ("alert", "publish -> alert")):
             pts = results["latency_samples"][key]

@@ -466,6 +466,7 @@ class Bench:
         t0 = time.monotonic()
         last, still = -1.0, 0.0
         while time.monotonic() - t0 < timeout_s:
+            self._check_children()
             stored = self._counter("writer", STORED)
             accepted = self._counter("collector", ACCEPTED)
             if stored >= accepted and accepted >= pubs.acked * 0.999:
@@ -521,9 +522,11 @@ class Bench:
             modes: dict[str, Any] = {}
             try:
                 for mode in o.modes:
-                    modes[str(mode)] = self._mode(
-                        mode, templates[mode], probes, observers, progress
-                    )
+                    modes[str(mode)] = {}
+                    self._mode(mode, templates[mode], probes, observers, progress, modes[str(mode)])
+            except BenchError as exc:
+                # A service died mid-run: keep what was measured, say why the rest is missing.
+                results["error"] = str(exc)[-3000:]
             finally:
                 observers.stop()
             rss_end = {k: v[1] for k, v in self._resources({}).items()}
@@ -598,7 +601,9 @@ class Bench:
         probes: list[Any],
         observers: _Observers,
         progress: Progress,
-    ) -> dict[str, Any]:
+        out: dict[str, Any],
+    ) -> None:
+        """Ramp, then 50 % and 90 % latency phases of one mode; figures go into ``out``."""
         o = self.opts
         assert self.settings is not None
         pubs = Publishers(self.stack.mosquitto.url, shard(per_sensor, o.publishers))
@@ -619,7 +624,6 @@ class Bench:
         observers.pending_since = pending_since
         observers.probes_sent = lambda: probe.sent
         probe.start()
-        out: dict[str, Any] = {}
         try:
             ramp = self._phase(f"{mode} ramp", pubs, o.duration_s, progress, None)
             ramp["drain_s"] = self._drain(pubs)
@@ -648,7 +652,6 @@ class Bench:
         finally:
             probe.stop()
             pubs.stop()
-        return out
 
     def close(self) -> None:
         for child in reversed(self.children):
@@ -662,7 +665,9 @@ def _ratios(results: dict[str, Any]) -> dict[str, Any]:
     copy_rate = results["ceilings"]["copy"]["rows_per_s"]
     for mode, m in results["modes"].items():
         c = results["ceilings"][mode]
-        rate = m["sustained_readings_per_s"]
+        rate = m.get("sustained_readings_per_s")
+        if rate is None:
+            continue
         out[mode] = {
             "mqtt_subscriber": round(rate / c["mqtt"]["readings_per_s"], 3)
             if c["mqtt"]["readings_per_s"]
