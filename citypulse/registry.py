@@ -19,6 +19,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     StringConstraints,
     ValidationError,
     model_validator,
@@ -88,6 +89,7 @@ class Registry(_Strict):
     version: int = Field(1, description="file format version")
     city: str = "citypulse"
     sensors: list[Sensor]
+    _by_id: tuple[list[Sensor], dict[str, Sensor]] | None = PrivateAttr(None)
 
     @model_validator(mode="after")
     def _unique_ids(self) -> Registry:
@@ -99,7 +101,11 @@ class Registry(_Strict):
         return self
 
     def by_id(self) -> dict[str, Sensor]:
-        return {s.id: s for s in self.sensors}
+        """Sensors by id (built once: hot paths call this per record)."""
+        # Keyed on the list itself: model_copy(update=...) copies private attributes too.
+        if self._by_id is None or self._by_id[0] is not self.sensors:
+            self._by_id = (self.sensors, {s.id: s for s in self.sensors})
+        return self._by_id[1]
 
     def __iter__(self) -> Iterator[Sensor]:  # type: ignore[override]
         return iter(self.sensors)

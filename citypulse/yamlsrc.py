@@ -88,7 +88,11 @@ def _child(node: yaml.Node, step: str | int) -> yaml.Node | None:
     return None
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
+# libyaml's parser when PyYAML was built with it (10-20x faster on a city-sized registry).
+_SafeLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _UniqueKeyLoader(_SafeLoader):  # type: ignore[valid-type,misc]
     """SafeLoader that refuses duplicate mapping keys instead of keeping the last."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
@@ -100,20 +104,25 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     None, None, f"duplicate key {key!r}", key_node.start_mark
                 )
             seen[key] = key_node
-        return super().construct_mapping(node, deep=deep)
+        mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
+        return mapping
 
 
 def parse_located(text: str, file: str) -> tuple[Any, Locator]:
     """Parse YAML text; raise :class:`YamlSourceError` with the place of a syntax error."""
+    # One parse: the node tree gives the places, the same tree is then constructed into data.
+    loader = _UniqueKeyLoader(text)
     try:
-        root = yaml.compose(text, Loader=_UniqueKeyLoader)
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - SafeLoader subclass
+        root = loader.get_single_node()
+        data = loader.construct_document(root) if root is not None else None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         raise YamlSourceError([Located(file, line, col, str(exc.problem or exc))]) from exc
     except yaml.YAMLError as exc:
         raise YamlSourceError([Located(file, 1, 1, str(exc))]) from exc
+    finally:
+        loader.dispose()
     return data, Locator(file, root)
 
 

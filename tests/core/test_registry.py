@@ -112,3 +112,23 @@ def test_cli_validate_exit_codes(tmp_path: Path) -> None:
     failed = runner.invoke(app, ["registry", "validate", str(bad)])
     assert failed.exit_code == 1
     assert f"{bad}:4:" in failed.output
+
+
+def test_by_id_follows_a_copy_with_other_sensors() -> None:
+    reg = parse_registry(GOOD)
+    assert set(reg.by_id()) == {"wtr-001", "air-001"}
+    fewer = reg.model_copy(update={"sensors": reg.sensors[:1]})
+    assert set(fewer.by_id()) == {"wtr-001"}
+    assert set(reg.by_id()) == {"wtr-001", "air-001"}
+
+
+def test_a_city_sized_registry_loads() -> None:
+    """A registry of 10,000 sensors loads whole (parsed once, by libyaml when present)."""
+    sensors = "".join(
+        GOOD.split("sensors:\n", 1)[1]
+        .split("  - id: air-001")[0]
+        .replace("wtr-001", f"wtr-{i:05d}")
+        for i in range(10_000)
+    )
+    reg = parse_registry(f"sensors:\n{sensors}", "big.yaml")
+    assert len(reg) == 10_000
