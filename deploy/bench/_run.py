@@ -22,7 +22,7 @@ from typing import Any
 
 import asyncpg
 import orjson
-import psutil  # type: ignore[import-untyped]  # no stubs in the venv
+import psutil
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
