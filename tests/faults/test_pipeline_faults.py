@@ -21,7 +21,7 @@ from pathlib import Path
 
 import asyncpg
 import orjson
-import psutil  # type: ignore[import-untyped]
+import psutil
 import pytest
 
 from citypulse.events import AlertEvent, Reading, ReadingBatch
