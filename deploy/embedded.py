@@ -47,6 +47,14 @@ def wait_port(
     raise EmbeddedError(f"nothing listening on {host}:{port} after {timeout_s}s")
 
 
+def _make_traversable(path: Path) -> None:
+    """Let other users pass through every parent of ``path`` (o+x), as a server user must."""
+    for parent in path.resolve().parents:
+        mode = parent.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            parent.chmod(mode | stat.S_IXOTH)
+
+
 class _Server:
     name = "server"
     host = "127.0.0.1"
@@ -178,6 +186,24 @@ class Mosquitto(_Server):
         else:
             lines.append("allow_anonymous true")
         (self.dir / "mosquitto.conf").write_text("\n".join(lines) + "\n")
+        self._give_to_broker_user()
+
+    def _give_to_broker_user(self) -> None:
+        # Started as root, mosquitto drops to the `mosquitto` user; without write access to its
+        # directory it cannot save sessions, and a restart would forget queued QoS 1 messages.
+        if os.geteuid() != 0:
+            return
+        try:
+            import pwd
+
+            pw = pwd.getpwnam("mosquitto")
+        except KeyError:
+            return  # no such user: mosquitto stays root and can write anyway
+        _make_traversable(self.dir)
+        os.chown(self.dir, pw.pw_uid, pw.pw_gid)
+        for path in self.dir.iterdir():
+            if path.suffix == ".db":
+                os.chown(path, pw.pw_uid, pw.pw_gid)
 
     def command(self) -> list[str]:
         return [self.binary(), "-c", str(self.dir / "mosquitto.conf")]

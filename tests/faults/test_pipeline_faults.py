@@ -273,13 +273,9 @@ async def test_mosquitto_restart_keeps_queued_messages(
     """Messages queued at the broker for a dead collector survive a Mosquitto restart (its
     persistent session); a broker outage under a running collector is ridden out (reconnect,
     /readyz 503 meanwhile); the publisher retries through the gaps. Stored exactly once."""
-    # Mosquitto started as root drops to the user "mosquitto", which must reach and write its
-    # persistence directory, or it loses every session on restart. pytest's tmp_path is under
-    # a 0700 directory, and deploy/embedded.py does not arrange that: use a traversable one.
-    state = Path(tempfile.mkdtemp(prefix="citypulse-faults-mqtt-"))
-    state.chmod(0o777)
-    broker = Mosquitto(state)
-    broker.dir.chmod(0o777)
+    # As root, deploy/embedded.py hands the broker's directory to the "mosquitto" user so it
+    # can save sessions: pytest's private tmp_path is fine.
+    broker = Mosquitto(tmp_path / "mqtt")
     broker.start()
     try:
         s = make_settings(mqtt_url=broker.url)
@@ -340,7 +336,6 @@ async def test_mosquitto_restart_keeps_queued_messages(
             p.close()
         publishers.clear()
         broker.stop()
-        shutil.rmtree(state, ignore_errors=True)
 
 
 async def test_slow_database_bounded_memory_and_visible_lag(
