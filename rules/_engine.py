@@ -33,6 +33,7 @@ class _Alert:
 
     __slots__ = (
         "active_since",
+        "changed_ms",
         "keep_since",
         "labels",
         "last_event",
@@ -44,6 +45,9 @@ class _Alert:
     def __init__(self, levels: int, labels: dict[str, str]) -> None:
         self.state = AlertState.INACTIVE
         self.active_since: int | None = None
+        # Event time of the latest state change: evaluations before it are ignored, so the
+        # alert's timeline never goes backwards (see ``_evaluate``).
+        self.changed_ms: int | None = None
         self.level_since: list[int | None] = [None] * levels
         self.severity = 0
         self.keep_since: int | None = None
@@ -54,6 +58,7 @@ class _Alert:
         return {
             "state": self.state.value,
             "active_since": self.active_since,
+            "changed_ms": self.changed_ms,
             "level_since": self.level_since,
             "severity": self.severity,
             "keep_since": self.keep_since,
@@ -66,11 +71,15 @@ class _Alert:
         a = cls(len(d["level_since"]), dict(d["labels"]))
         a.state = AlertState(d["state"])
         a.active_since = d["active_since"]
+        # Absent in snapshots written before the field existed: the last event's time is it.
+        a.changed_ms = d.get("changed_ms")
         a.level_since = list(d["level_since"])
         a.severity = d["severity"]
         a.keep_since = d["keep_since"]
         ev = d.get("last_event")
         a.last_event = None if ev is None else AlertEvent.model_validate(ev)
+        if a.changed_ms is None and a.last_event is not None:
+            a.changed_ms = a.last_event.ts_ms
         return a
 
 
@@ -153,6 +162,9 @@ class RuleEngine:
         self._states: dict[str, SensorState] = {s.id: SensorState(s) for s in registry}
         self._member_states: dict[tuple[str, str], list[SensorState]] = {}
         self._alerts: dict[tuple[str, str], _Alert] = {}
+        # (rule, key) -> event time an alert instance last ended (resolved or dropped while
+        # pending): a late reading must not start that alert again in its past.
+        self._ended: dict[tuple[str, str], int] = {}
         self._commands: dict[tuple[str, str, str], _CommandState] = {}
         self._unhealthy: dict[str, str] = {}
         self._epoch_ms: int | None = None
@@ -271,9 +283,15 @@ class RuleEngine:
         self._index = _Index(ruleset, self._registry)
         self._link_members()
         self._alerts = {k: v for k, v in self._alerts.items() if k[0] in keep}
+        self._ended = {k: v for k, v in self._ended.items() if k[0] in keep}
         self._alerts = {
             k: v
             for k, v in self._alerts.items()
+            if ruleset.by_name[k[0]].scope == "group" or k[1] in self._states
+        }
+        self._ended = {
+            k: v
+            for k, v in self._ended.items()
             if ruleset.by_name[k[0]].scope == "group" or k[1] in self._states
         }
         self._commands = {k: v for k, v in self._commands.items() if k[0] in keep}
@@ -297,6 +315,10 @@ class RuleEngine:
             "alerts": [
                 {"rule": k[0], "key": k[1], "digest": by_name[k[0]].digest, **a.dump()}
                 for k, a in sorted(self._alerts.items())
+            ],
+            "ended": [
+                {"rule": k[0], "key": k[1], "digest": by_name[k[0]].digest, "ts_ms": ts}
+                for k, ts in sorted(self._ended.items())
             ],
             "commands": [
                 {"rule": k[0], "sensor": k[1], "setting": k[2], "digest": by_name[k[0]].digest}
@@ -339,6 +361,14 @@ class RuleEngine:
                 if rule.scope == "sensor" and d["key"] not in states:
                     continue
                 alerts[(d["rule"], d["key"])] = _Alert.load(d)
+            ended: dict[tuple[str, str], int] = {}
+            for d in doc.get("ended", ()):  # absent in older snapshots
+                rule = by_name.get(d["rule"])
+                if rule is None or rule.digest != d["digest"]:
+                    continue
+                if rule.scope == "sensor" and d["key"] not in states:
+                    continue
+                ended[(d["rule"], d["key"])] = int(d["ts_ms"])
             commands: dict[tuple[str, str, str], _CommandState] = {}
             for d in doc["commands"]:
                 rule = by_name.get(d["rule"])
@@ -352,6 +382,7 @@ class RuleEngine:
         self._states = states
         self._link_members()
         self._alerts = alerts
+        self._ended = ended
         self._commands = commands
         self._epoch_ms = doc["epoch_ms"]
         self._unhealthy = {k: v for k, v in doc["unhealthy"].items() if k in by_name}
@@ -383,9 +414,17 @@ class RuleEngine:
     def _evaluate(self, rule: Rule, key: str, now: int, out: list[Effect]) -> None:
         c = self._ctx
         c.record = None
+        alert = self._alerts.get((rule.name, key))
+        floor = self._ended.get((rule.name, key)) if alert is None else alert.changed_ms
+        if floor is not None and now < floor:
+            # Late data (re-keyed group input interleaved from several partitions, a tick
+            # ahead of a sensor's backfill, vendor clock skew): the readings are already in the
+            # windows and count at the alert's next evaluation, but the alert is not evaluated
+            # at a time before its latest state change, so its timeline never goes backwards
+            # and a transition is never recorded twice at two different times.
+            return
         try:
             conds = [lv.cond.fn(c) is True for lv in rule.levels]
-            alert = self._alerts.get((rule.name, key))
             if alert is None:
                 if not any(conds):
                     return  # the common case: nothing to do, nothing allocated
@@ -394,13 +433,17 @@ class RuleEngine:
             clear = None
             if rule.clear is not None and alert.state is AlertState.FIRING:
                 clear = rule.clear.fn(c) is True
+            before = alert.state
             changed = _step(rule, alert, conds, clear, now)
+            if changed or alert.state is not before:
+                alert.changed_ms = now
             if changed and rule.action is None:
                 out.append(self._event(rule, alert, now))
             if alert.state is AlertState.FIRING and rule.action is not None:
                 self._act(rule, key, now, out)
             if alert.state in (AlertState.INACTIVE, AlertState.RESOLVED):
                 del self._alerts[(rule.name, key)]
+                self._ended[(rule.name, key)] = now
         except Exception as exc:  # one broken rule must not stop the others
             msg = f"{type(exc).__name__}: {exc} (at {key})"
             if self._unhealthy.get(rule.name) != msg:

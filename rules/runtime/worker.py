@@ -9,7 +9,9 @@ checkpointed to ``{prefix}.rules-state`` (see :mod:`rules.runtime.changelog` and
 
 The only wall-clock reader is the ticker (:meth:`_Stage.tick`): it calls ``engine.advance(now)``
 so staleness and ``for`` timers progress when no reading arrives, and drives Alertmanager
-re-sends. Everything else runs on event time.
+re-sends. ``now`` is a per-partition event-time watermark (:func:`watermark_ms`), never the raw
+wall clock: the wall clock only measures how long a partition has been idle. Everything else
+runs on event time.
 """
 
 from __future__ import annotations
@@ -97,11 +99,43 @@ class _Part:
     engine: Any
     offset: int = -1
     clock_ms: int = 0
+    """Event-time clock: the latest event time seen or ticked to (maintenance re-waking)."""
+    event_ms: int | None = None
+    """Latest event time of the records seen (restored: the snapshot's clock)."""
+    event_wall_ms: int = 0
+    """Wall clock when ``event_ms`` last advanced (how long the partition has been idle)."""
+    tick_ms: int | None = None
+    """The watermark of the last tick (ticks never go back)."""
     firing: dict[str, AlertEvent] = field(default_factory=dict)
     quiet: dict[str, tuple[AlertEvent, int]] = field(default_factory=dict)
     seen: dict[str, int] = field(default_factory=dict)
     dirty: int = 0
     last_checkpoint: float = field(default_factory=time.monotonic)
+
+
+def watermark_ms(
+    event_ms: int | None, event_wall_ms: int, wall_now_ms: int, previous_ms: int | None = None
+) -> int | None:
+    """The event time a tick advances a partition's engine to (epoch ms).
+
+    The partition's event-time clock (latest event time seen) plus the wall time elapsed since
+    that clock last advanced: while records flow, time is what they say (a backfill or a
+    lagging vendor is not "silent"); only while the partition is idle does time pass, at wall
+    speed. Never earlier than the previous tick.
+
+    Args:
+        event_ms: latest event time seen in the partition, epoch ms (``None``: none yet).
+        event_wall_ms: wall clock when ``event_ms`` last advanced, epoch ms.
+        wall_now_ms: the wall clock now, epoch ms.
+        previous_ms: the watermark of the previous tick, if any.
+
+    Returns:
+        The watermark, or ``previous_ms`` when the partition has no event time yet.
+    """
+    if event_ms is None:
+        return previous_ms
+    now = event_ms + max(0, wall_now_ms - event_wall_ms)
+    return now if previous_ms is None else max(previous_ms, now)
 
 
 def rekey_record(key: str, partition: int, offset: int, batch: ReadingBatch) -> bytes:
@@ -236,6 +270,9 @@ class _Stage(ConsumerRebalanceListener):  # type: ignore[misc]
                     engine.restore(snap.engine)
                     part.offset = snap.offset
                     part.clock_ms = snap.clock_ms
+                    if snap.clock_ms > 0:
+                        # Idle time is counted from now: the worker was not watching before.
+                        part.event_ms, part.event_wall_ms = snap.clock_ms, wall_ms()
                     part.firing = snap.firing
                     part.quiet = snap.quiet
                     part.seen = snap.seen
@@ -316,35 +353,61 @@ class _Stage(ConsumerRebalanceListener):  # type: ignore[misc]
                 continue
             metrics.EVALUATIONS.labels(self.name).inc()
             metrics.EVALUATION_SECONDS.labels(self.name).observe(time.perf_counter() - started)
-            part.clock_ms = max([part.clock_ms, *(r.ts_ms for r in batch.readings)])
+            latest = max(r.ts_ms for r in batch.readings) if batch.readings else None
+            if latest is not None and (part.event_ms is None or latest > part.event_ms):
+                part.event_ms, part.event_wall_ms = latest, wall_ms()
+            part.clock_ms = max(part.clock_ms, part.event_ms or 0)
             effects.extend(out)
         if rekeys:
             await asyncio.gather(*rekeys)
         await self.w.emit(part, effects)
 
-    async def tick(self, now_ms: int, resend: bool) -> None:
-        """Advance every engine to ``now_ms`` (wall clock), emit, and re-send firing alerts."""
+    async def tick(self, wall_now_ms: int, resend: bool) -> None:
+        """Advance every engine to its partition's watermark, emit, re-send firing alerts.
+
+        Args:
+            wall_now_ms: the wall clock, epoch ms; it only measures idle time
+                (:func:`watermark_ms`).
+            resend: re-send firing alerts to Alertmanager too.
+        """
         async with self.lock:
+            marks = {
+                p.partition: watermark_ms(p.event_ms, p.event_wall_ms, wall_now_ms, p.tick_ms)
+                for p in self.parts.values()
+                if p.event_ms is not None
+            }
+            # A partition that has seen no record yet (its sensors may all be silent) follows
+            # the most advanced partition of this stage: same producers, same time.
+            fallback = max((m for m in marks.values() if m is not None), default=None)
             for part in list(self.parts.values()):
-                started = time.perf_counter()
-                effects = owned_effects(
-                    part.engine.advance(now_ms),
-                    self.name,
-                    part.partition,
-                    self.partitions,
-                    part.engine.ruleset,
-                    self.w.registry,
-                )
-                metrics.EVALUATIONS.labels(self.name).inc()
-                metrics.EVALUATION_SECONDS.labels(self.name).observe(time.perf_counter() - started)
-                part.clock_ms = max(part.clock_ms, now_ms)
-                if effects:
-                    # State changed with time alone: snapshot it soon, or a crash would let
-                    # a later tick raise the same change again at another time.
-                    part.dirty += 1
-                await self.w.emit(part, effects)
+                now_ms = marks.get(part.partition)
+                if now_ms is None and fallback is not None:
+                    now_ms = max(fallback, part.tick_ms or fallback)
+                if now_ms is not None:
+                    await self._advance(part, now_ms)
                 if resend and part.firing:
                     await self.w.notify(list(part.firing.values()))
+
+    async def _advance(self, part: _Part, now_ms: int) -> None:
+        """Let event time pass to ``now_ms`` in one partition's engine and emit what changed."""
+        part.tick_ms = now_ms
+        started = time.perf_counter()
+        effects = owned_effects(
+            part.engine.advance(now_ms),
+            self.name,
+            part.partition,
+            self.partitions,
+            part.engine.ruleset,
+            self.w.registry,
+        )
+        metrics.EVALUATIONS.labels(self.name).inc()
+        metrics.EVALUATION_SECONDS.labels(self.name).observe(time.perf_counter() - started)
+        part.clock_ms = max(part.clock_ms, now_ms)
+        if effects:
+            # State changed with time alone: snapshot it soon, or a crash would let
+            # a later tick raise the same change again at another time.
+            part.dirty += 1
+        await self.w.emit(part, effects)
 
     async def _checkpoint(self, parts: Sequence[_Part], force: bool) -> None:
         """Snapshot then commit: effects of these records are already delivered."""
