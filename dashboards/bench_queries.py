@@ -1,11 +1,11 @@
 """Time the city overview's queries over 30 days of 2,000 sensors, with and without rollups.
 
-Run: ``python -m dashboards.bench_queries [--dsn URL] [--sensors 2000] [--days 30]``. Without
-``--dsn`` it starts an embedded PostgreSQL in a temporary directory. It fills a fresh database
-with ``generate_series`` (one metric per sensor, one reading per minute), builds the rollups,
-then runs each city-overview query, expanded as Grafana would for a 30-day range, three ways:
-auto (the interval picks ``readings_1h``), forced raw and forced 1m. Prints figures; it is not a
-test and asserts nothing.
+Run: ``python -m dashboards.bench_queries [--dsn URL] [--sensors 2000] [--days 30]
+[--interval-s 60]``. Without ``--dsn`` it starts an embedded PostgreSQL in a temporary
+directory. It fills a fresh database with ``generate_series`` (one metric per sensor, one
+reading every ``--interval-s``), builds the rollups, then runs each city-overview query,
+expanded as Grafana would for a 30-day range, three ways: auto (the interval picks
+``readings_1h``), forced raw and forced 1m. Prints figures; it is not a test and asserts nothing.
 """
 
 from __future__ import annotations
@@ -44,13 +44,24 @@ def _registry(n: int) -> Registry:
     return Registry(city="bench", sensors=sensors)
 
 
-async def _fill(conn: asyncpg.Connection, reg: Registry, days: int, end: datetime) -> float:
+async def _fill(
+    conn: asyncpg.Connection, reg: Registry, days: int, end: datetime, interval_s: int
+) -> float:
     t0 = time.perf_counter()
     await conn.executemany(
         "INSERT INTO sensors (id, vendor, silo, district, asset, lat, lon, interval_s)"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7, 60)",
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         [
-            (s.id, s.vendor, str(s.silo), s.district, s.asset, s.location.lat, s.location.lon)
+            (
+                s.id,
+                s.vendor,
+                str(s.silo),
+                s.district,
+                s.asset,
+                s.location.lat,
+                s.location.lon,
+                interval_s,
+            )
             for s in reg
         ],
     )
@@ -60,10 +71,10 @@ async def _fill(conn: asyncpg.Connection, reg: Registry, days: int, end: datetim
         "INSERT INTO readings (ts, sensor_id, metric, value, quality, received_at)"
         " SELECT t, s.id, 'value', 50 + 40 * sin(extract(epoch from t) / 3600 + s.n), 0, t"
         " FROM (SELECT id, row_number() OVER () AS n FROM sensors) s,"
-        " generate_series($1::timestamptz, $2::timestamptz - interval '1 minute',"
-        " interval '1 minute') t",
+        " generate_series($1::timestamptz, $2::timestamptz - $3::interval, $3::interval) t",
         start,
         end,
+        timedelta(seconds=interval_s),
     )
     for tier, unit in (("readings_1m", "minute"), ("readings_1h", "hour")):
         await conn.execute(
@@ -85,7 +96,7 @@ async def _time(conn: asyncpg.Connection, sql: str) -> tuple[float, int]:
     return time.perf_counter() - t0, len(rows)
 
 
-async def bench(dsn: str, sensors: int, days: int) -> None:
+async def bench(dsn: str, sensors: int, days: int, interval_s: int) -> None:
     from storage.migrate import migrate
 
     await migrate(dsn)
@@ -93,9 +104,12 @@ async def bench(dsn: str, sensors: int, days: int) -> None:
     end = datetime(2025, 6, 1, tzinfo=UTC)
     conn = await asyncpg.connect(dsn)
     try:
-        fill_s = await _fill(conn, reg, days, end)
+        fill_s = await _fill(conn, reg, days, end, interval_s)
         n = await conn.fetchval("SELECT count(*) FROM readings")
-        print(f"filled {n:,} raw readings ({sensors} sensors x {days} d x 1/min) in {fill_s:.0f} s")
+        print(
+            f"filled {n:,} raw readings ({sensors} sensors x {days} d, one per {interval_s} s)"
+            f" in {fill_s:.0f} s"
+        )
         kw = {
             "time_from": end - timedelta(days=days),
             "time_to": end,
@@ -138,9 +152,10 @@ def main() -> None:
     ap.add_argument("--dsn", help="empty database to fill (default: embedded PostgreSQL)")
     ap.add_argument("--sensors", type=int, default=2000)
     ap.add_argument("--days", type=int, default=30)
+    ap.add_argument("--interval-s", type=int, default=60, help="seconds between readings")
     args = ap.parse_args()
     if args.dsn:
-        asyncio.run(bench(args.dsn, args.sensors, args.days))
+        asyncio.run(bench(args.dsn, args.sensors, args.days, args.interval_s))
         return
     from deploy.embedded import Postgres
 
@@ -148,7 +163,7 @@ def main() -> None:
         pg = Postgres(Path(tmp))
         pg.start()
         try:
-            asyncio.run(bench(pg.url("postgres"), args.sensors, args.days))
+            asyncio.run(bench(pg.url("postgres"), args.sensors, args.days, args.interval_s))
         finally:
             pg.stop()
 
