@@ -15,6 +15,7 @@ from collectors.payload import (
     senml_metric,
 )
 from collectors.validate import (
+    EncodedBatch,
     Limits,
     Validator,
     message_hash,
@@ -23,6 +24,7 @@ from collectors.validate import (
 
 __all__ = [
     "CollectorError",
+    "EncodedBatch",
     "Limits",
     "PayloadError",
     "RawReading",

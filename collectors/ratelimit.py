@@ -69,17 +69,33 @@ class VendorRateLimiter:
         """``batch`` if its vendor is within the limit, else a ``rate_limited`` rejection."""
         if self.take(batch.vendor, len(batch.readings), now_s):
             return batch
+        return self.refusal(
+            batch.vendor, batch.sensor, len(batch.readings), topic, raw, batch.received_ms,
+            batch.source,
+        )  # fmt: skip
+
+    def refusal(
+        self,
+        vendor: str,
+        sensor: str,
+        readings: int,
+        topic: str,
+        raw: bytes,
+        received_ms: int,
+        message_hash: str,
+    ) -> Rejection:
+        """The ``rate_limited`` rejection of a message whose readings :meth:`take` refused."""
         return Rejection.model_construct(
             v=1,
             reason=RejectReason.RATE_LIMITED,
             detail=(
-                f"vendor {batch.vendor!r} is over {self.rate_per_s:g} readings/s "
-                f"(burst {self.burst:g}); {len(batch.readings)} readings refused"
+                f"vendor {vendor!r} is over {self.rate_per_s:g} readings/s "
+                f"(burst {self.burst:g}); {readings} readings refused"
             ),
             topic=topic,
-            vendor=batch.vendor,
-            sensor=batch.sensor,
-            received_ms=batch.received_ms,
-            message_hash=batch.source,
+            vendor=vendor,
+            sensor=sensor,
+            received_ms=received_ms,
+            message_hash=message_hash,
             raw_b64=base64.b64encode(raw).decode("ascii"),
         )

@@ -1,9 +1,11 @@
 """The collector service: MQTT (QoS 1, shared subscription) → validate → Kafka, then ack.
 
 Bridge: paho-mqtt runs its network loop in its own thread (``loop_start``); ``on_message``
-hands each message to the asyncio loop with ``call_soon_threadsafe`` into a bounded
-``asyncio.Queue`` sized to the MQTT v5 *receive maximum* we announce, so the broker can never
-have more unacknowledged QoS 1 messages in flight than the queue holds. Paho also reconnects
+appends each message to a deque (thread-safe append/popleft) and wakes the asyncio loop with
+``call_soon_threadsafe`` only when no wake-up is already pending: one wake-up per burst, not per
+message (waking the loop per message cost ~11 % of the collector's CPU). The deque is bounded by
+the MQTT v5 *receive maximum* we announce: the broker can never have more unacknowledged QoS 1
+messages in flight than that; QoS 0 beyond it is dropped and counted. Paho also reconnects
 (backoff 1 s doubling to 30 s), with ``clean_start=False`` and the same client id, so the broker
 keeps our session and redelivers what was not acknowledged.
 
@@ -16,6 +18,7 @@ here, loss is not (the writer deduplicates on (sensor, metric, ts)).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import socket
@@ -31,7 +34,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from citypulse.events import ReadingBatch, Rejection
+from citypulse.events import Rejection
 from citypulse.registry import Registry, load_registry
 from citypulse.service import HEALTH
 from citypulse.settings import Settings
@@ -39,7 +42,7 @@ from citypulse.topics import UP_WILDCARD, SensorTopic
 from collectors import metrics
 from collectors.errors import CollectorError
 from collectors.ratelimit import VendorRateLimiter
-from collectors.validate import Limits, Validator, reject_notice
+from collectors.validate import EncodedBatch, Limits, Validator, reject_notice
 from stream import ensure_topics, make_producer
 
 log = logging.getLogger("citypulse.collectors")
@@ -125,7 +128,11 @@ class Collector:
         self._closing = False
         self._generation = 0
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._queue: asyncio.Queue[_Message] = asyncio.Queue(settings.mqtt_receive_maximum)
+        # Filled by paho's thread, emptied by the asyncio loop; see the module docstring.
+        self._inbox: collections.deque[_Message] = collections.deque()
+        self._capacity = settings.mqtt_receive_maximum
+        self._wake_pending = False
+        self._ready = asyncio.Event()
 
     # -- paho thread -----------------------------------------------------------------------
 
@@ -169,21 +176,25 @@ class Collector:
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         if self._closing or self._loop is None:
             return  # not acked: the broker redelivers it on our next session
-        message = _Message(msg.topic, bytes(msg.payload), msg.mid, msg.qos, self._generation)
-        with contextlib.suppress(RuntimeError):  # loop closed while shutting down
-            self._loop.call_soon_threadsafe(self._enqueue, message)
+        inbox = self._inbox
+        if len(inbox) >= self._capacity:
+            # Only QoS 0 can overflow (QoS 1 is bounded by our receive maximum).
+            metrics.MESSAGES_DROPPED.inc()
+            log.warning("queue full, message dropped", extra={"topic": msg.topic})
+            return
+        inbox.append(_Message(msg.topic, msg.payload, msg.mid, msg.qos, self._generation))
+        if not self._wake_pending:
+            # One wake-up per burst: set here, cleared by _wake on the loop *before* the
+            # consumer looks at the deque, so a message appended meanwhile is never stranded.
+            self._wake_pending = True
+            with contextlib.suppress(RuntimeError):  # loop closed while shutting down
+                self._loop.call_soon_threadsafe(self._wake)
 
     # -- asyncio thread --------------------------------------------------------------------
 
-    def _enqueue(self, message: _Message) -> None:
-        try:
-            self._queue.put_nowait(message)
-        except asyncio.QueueFull:
-            # Only QoS 0 can overflow (QoS 1 is bounded by our receive maximum).
-            metrics.MESSAGES_DROPPED.inc()
-            log.warning("queue full, message dropped", extra={"topic": message.topic})
-            return
-        metrics.QUEUE_DEPTH.set(self._queue.qsize())
+    def _wake(self) -> None:
+        self._wake_pending = False
+        self._ready.set()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Collect until ``stop`` is set, then finish in-flight work, ack, disconnect."""
@@ -219,22 +230,24 @@ class Collector:
             log.info("collector stopped")
 
     async def _consume(self, stop: asyncio.Event, producer: Any, client: Any) -> None:
-        queue = self._queue
+        inbox = self._inbox
+        ready = self._ready
         while True:
             if stop.is_set():
                 # Stop taking messages; what is already queued is finished and acked.
                 self._closing = True
-                if queue.empty():
+                if not inbox:
                     return
-            try:
-                async with asyncio.timeout(0.1):
-                    first = await queue.get()
-            except TimeoutError:
-                continue
-            batch = [first]
-            while len(batch) < MAX_BATCH and not queue.empty():
-                batch.append(queue.get_nowait())
-            metrics.QUEUE_DEPTH.set(queue.qsize())
+            if not inbox:
+                ready.clear()
+                if not inbox:  # re-check: an append before clear() would otherwise wait 0.1 s
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(0.1):
+                            await ready.wait()
+                    continue
+            popleft = inbox.popleft
+            batch = [popleft() for _ in range(min(len(inbox), MAX_BATCH))]
+            metrics.QUEUE_DEPTH.set(len(inbox))
             await self._process(batch, producer, client, stop)
 
     async def _process(
@@ -244,18 +257,34 @@ class Collector:
         readings_topic = settings.topic("readings")
         deadletter_topic = settings.topic("deadletter")
         now_ms = time.time_ns() // 1_000_000
-        verdicts: list[ReadingBatch | Rejection] = []
+        verdicts: list[EncodedBatch | Rejection] = []
         records: list[tuple[str, bytes | None, bytes]] = []
+        validate = self.validator.validate_encoded
+        limiter = self.limiter
+        accepted = 0
         for m in batch:
-            verdict = self.validator.validate(m.topic, m.payload, now_ms)
-            if isinstance(verdict, ReadingBatch) and self.limiter.enabled:
-                verdict = self.limiter.check(verdict, m.topic, m.payload, time.monotonic())
+            verdict = validate(m.topic, m.payload, now_ms)
+            if isinstance(verdict, EncodedBatch):
+                if limiter.enabled and not limiter.take(
+                    verdict.vendor, verdict.readings, time.monotonic()
+                ):
+                    verdict = limiter.refusal(
+                        verdict.vendor,
+                        verdict.sensor,
+                        verdict.readings,
+                        m.topic,
+                        m.payload,
+                        verdict.received_ms,
+                        verdict.source,
+                    )
+                else:
+                    accepted += verdict.readings
+                    records.append((readings_topic, verdict.sensor.encode(), verdict.value))
+                    verdicts.append(verdict)
+                    continue
             verdicts.append(verdict)
-            if isinstance(verdict, ReadingBatch):
-                records.append((readings_topic, verdict.sensor.encode(), verdict.encode()))
-            else:
-                key = verdict.vendor.encode() if verdict.vendor else None
-                records.append((deadletter_topic, key, verdict.encode()))
+            key = verdict.vendor.encode() if verdict.vendor else None
+            records.append((deadletter_topic, key, verdict.encode()))
         metrics.MESSAGES_RECEIVED.inc(len(batch))
 
         delay = 0.5
@@ -284,10 +313,11 @@ class Collector:
             self._kafka_ok = True
             break
 
+        metrics.READINGS_ACCEPTED.inc(accepted)
+        generation = self._generation
+        ack = client.ack
         for m, verdict in zip(batch, verdicts, strict=True):
-            if isinstance(verdict, ReadingBatch):
-                metrics.READINGS_ACCEPTED.inc(len(verdict.readings))
-            else:
+            if isinstance(verdict, Rejection):
                 metrics.MESSAGES_REFUSED.labels(verdict.reason.value).inc()
                 log.info(
                     "message refused",
@@ -302,5 +332,5 @@ class Collector:
                     notice = SensorTopic(verdict.vendor, verdict.sensor, "rejects")
                     client.publish(str(notice), reject_notice(verdict), qos=1)
             # An ack on a later connection would hit a different in-flight message.
-            if m.qos > 0 and m.generation == self._generation:
-                client.ack(m.mid, m.qos)
+            if m.qos > 0 and m.generation == generation:
+                ack(m.mid, m.qos)

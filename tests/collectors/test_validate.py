@@ -8,7 +8,7 @@ import orjson
 import pytest
 
 from citypulse.events import Quality, ReadingBatch, Rejection, RejectReason
-from collectors import Limits, Validator, message_hash, parse_payload, reject_notice
+from collectors import EncodedBatch, Limits, Validator, message_hash, parse_payload, reject_notice
 
 from .registry import registry
 
@@ -23,16 +23,30 @@ def validator() -> Validator:
 
 
 def accept(validator: Validator, payload: object, topic: str = TOPIC) -> ReadingBatch:
+    """``validate`` accepts; the collector's fast path yields the very same Kafka bytes."""
     raw = payload if isinstance(payload, bytes) else orjson.dumps(payload)
     verdict = validator.validate(topic, raw, NOW_MS)
     assert isinstance(verdict, ReadingBatch), verdict
+    fast = validator.validate_encoded(topic, raw, NOW_MS)
+    assert isinstance(fast, EncodedBatch), fast
+    assert fast.value == verdict.encode()
+    assert ReadingBatch.decode(fast.value) == verdict
+    assert (fast.sensor, fast.vendor, fast.received_ms, fast.source, fast.readings) == (
+        verdict.sensor,
+        verdict.vendor,
+        verdict.received_ms,
+        verdict.source,
+        len(verdict.readings),
+    )
     return verdict
 
 
 def refuse(validator: Validator, payload: object, topic: str = TOPIC) -> Rejection:
+    """``validate`` refuses; the fast path refuses with the identical rejection."""
     raw = payload if isinstance(payload, bytes) else orjson.dumps(payload)
     verdict = validator.validate(topic, raw, NOW_MS)
     assert isinstance(verdict, Rejection), verdict
+    assert validator.validate_encoded(topic, raw, NOW_MS) == verdict
     return verdict
 
 
@@ -202,3 +216,15 @@ def test_parse_payload_is_usable_without_a_registry() -> None:
     """The parser alone gives metric, time, value and stated unit."""
     raws = parse_payload(orjson.dumps([{"n": "x:temp", "u": "Cel", "v": 1}]), NOW_MS)
     assert [(r.metric, r.ts_ms, r.value, r.unit) for r in raws] == [("temp", NOW_MS, 1.0, "Cel")]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [0.0, -0.0, 21.5, 1e16, 1e22, 1.5e-7, 5e-324, 1.7976931348623157e308, 0.1, 1 / 3, 7],
+)
+def test_fast_encoding_is_byte_identical_for_awkward_floats(
+    validator: Validator, value: float
+) -> None:
+    """Float formatting of the orjson fast path matches pydantic's (the writer hashes nothing,
+    but dead-letter replays and the rules' decoders must see one wire format)."""
+    accept(validator, {"ts": NOW_MS, "values": {"pressure": value}})
