@@ -40,9 +40,20 @@ class YamlSourceError(Exception):
 class Locator:
     """Finds the line and column of a node given its path from the document root."""
 
-    def __init__(self, file: str, root: yaml.Node | None) -> None:
+    def __init__(self, file: str, root: yaml.Node | None, text: str = "") -> None:
         self.file = file
         self._root = root
+        self.lines = text.splitlines()
+        """The source lines, for callers that place errors inside a scalar."""
+
+    def node(self, path: Sequence[str | int]) -> yaml.Node | None:
+        """The node at exactly ``path``, or None when the path does not exist."""
+        node = self._root
+        for step in path:
+            if node is None:
+                return None
+            node = _child(node, step)
+        return node
 
     def find(self, path: Sequence[str | int]) -> tuple[int, int]:
         """Deepest node on ``path`` that exists; (1, 1) for an empty document."""
@@ -123,7 +134,7 @@ def parse_located(text: str, file: str) -> tuple[Any, Locator]:
         raise YamlSourceError([Located(file, 1, 1, str(exc))]) from exc
     finally:
         loader.dispose()
-    return data, Locator(file, root)
+    return data, Locator(file, root, text)
 
 
 def load_located(path: Path) -> tuple[Any, Locator]:

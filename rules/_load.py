@@ -263,9 +263,9 @@ class _RuleBuilder:
 
     def problem(self, sub: Sequence[str | int], message: str, col_offset: int = 0) -> Located:
         line, col = self.locator.find([*self.path, *sub])
-        node = _node_at(self.locator, [*self.path, *sub])
+        node = self.locator.node([*self.path, *sub])
         if col_offset and node is not None:
-            line, col = _expr_position(node, col_offset)
+            line, col = _expr_position(node, col_offset, self.locator.lines)
         return Located(self.locator.file, line, col, f'rule "{self.name}": {message}')
 
     def error(self, sub: Sequence[str | int], message: str, col_offset: int = 0) -> None:
@@ -485,24 +485,7 @@ def group_member(s: Sensor, selector: dict[str, str], metrics: frozenset[str]) -
     return True
 
 
-def _node_at(locator: Locator, path: Sequence[str | int]) -> yaml.Node | None:
-    node: yaml.Node | None = locator._root  # the composed tree is what we need
-    for step in path:
-        if isinstance(node, yaml.MappingNode):
-            node = next(
-                (v for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == step),
-                None,
-            )
-        elif isinstance(node, yaml.SequenceNode) and isinstance(step, int):
-            node = node.value[step] if 0 <= step < len(node.value) else None
-        else:
-            return None
-        if node is None:
-            return None
-    return node
-
-
-def _expr_position(node: yaml.Node, col: int) -> tuple[int, int]:
+def _expr_position(node: yaml.Node, col: int, lines: Sequence[str]) -> tuple[int, int]:
     """File line and column of column ``col`` of an expression held in the scalar ``node``."""
     line, start = node.start_mark.line + 1, node.start_mark.column + 1
     style = getattr(node, "style", None)
@@ -513,18 +496,14 @@ def _expr_position(node: yaml.Node, col: int) -> tuple[int, int]:
         value = str(node.value)
         before = value[: col - 1]
         nl = before.count("\n")
-        indent = _block_indent(node)
+        indent = _block_indent(node, lines)
         return line + 1 + nl, indent + len(before) - (before.rfind("\n") + 1) + 1
     return line, start + col - 1
 
 
-def _block_indent(node: yaml.Node) -> int:
-    buf = node.start_mark.buffer
-    if buf is None:
+def _block_indent(node: yaml.Node, lines: Sequence[str]) -> int:
+    # A block scalar's text starts on the line after its indicator (| or >).
+    first = node.start_mark.line + 1
+    if first >= len(lines):
         return 0
-    pos = node.start_mark.pointer
-    nl = buf.find("\n", pos)
-    if nl < 0:
-        return 0
-    rest = buf[nl + 1 :]
-    return len(rest) - len(rest.lstrip(" "))
+    return len(lines[first]) - len(lines[first].lstrip(" "))
