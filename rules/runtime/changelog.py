@@ -21,6 +21,9 @@ from citypulse.settings import Settings
 from stream import client_options
 
 STATE_TOPIC = "rules-state"
+STATE_MAX_BYTES = 64 * 1024 * 1024
+"""Largest snapshot record: a partition of a 10,000-sensor city compresses to a few MB, above
+Kafka's 1 MB default, so the state topic, its producer and its reader all allow this much."""
 _ZLIB = b"Z1"
 REKEY_TOPIC = "rules-rekey"
 
@@ -114,7 +117,10 @@ async def ensure_runtime_topics(settings: Settings) -> None:
                 settings.topic(STATE_TOPIC),
                 settings.partitions,
                 settings.replication_factor,
-                topic_configs={"cleanup.policy": "compact"},
+                topic_configs={
+                    "cleanup.policy": "compact",
+                    "max.message.bytes": str(STATE_MAX_BYTES),
+                },
             )
             with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics([topic])
@@ -134,6 +140,8 @@ async def read_snapshots(settings: Settings, keys: Iterable[str]) -> dict[str, S
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
+        max_partition_fetch_bytes=STATE_MAX_BYTES,
+        fetch_max_bytes=STATE_MAX_BYTES,
     )
     await consumer.start()
     out: dict[str, Snapshot] = {}

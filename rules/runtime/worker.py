@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import signal
 import time
@@ -42,6 +41,7 @@ from rules.runtime import metrics
 from rules.runtime.alertmanager import AlertmanagerClient
 from rules.runtime.changelog import (
     REKEY_TOPIC,
+    STATE_MAX_BYTES,
     STATE_TOPIC,
     Snapshot,
     ensure_runtime_topics,
@@ -151,11 +151,8 @@ def _process_group(engine: Any, batch: ReadingBatch, key: str, registry: Registr
     A batch feeding several groups arrives once per group key, possibly in different
     partitions; each partition's engine then only sees part of the other groups' members, so
     effects of groups other than ``key`` are dropped here: the partition that owns that key
-    emits them. (An engine accepting ``group_key`` is told directly.)
+    emits them.
     """
-    params = inspect.signature(engine.process).parameters
-    if "group_key" in params:
-        return list(engine.process(batch, scope="group", group_key=key))
     effects = engine.process(batch, scope="group")
     by_name = engine.ruleset.by_name
     sensors = registry.by_id()
@@ -677,7 +674,8 @@ class RuleWorker:
         await ensure_topics(self.settings)
         await ensure_runtime_topics(self.settings)
         pool = await asyncpg.create_pool(self.settings.dsn, min_size=1, max_size=4)
-        self._producer = make_producer(self.settings)
+        # Snapshots share this producer: let one record be as large as the state topic allows.
+        self._producer = make_producer(self.settings, max_request_size=STATE_MAX_BYTES)
         await self._producer.start()
         mqtt = MqttPublisher(self.settings)
         await mqtt.start()
