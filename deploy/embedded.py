@@ -346,53 +346,32 @@ class Postgres(_Server):
         super().start(timeout_s)
         self._ensure_database()
 
+    def psql(self, sql: str, database: str = "postgres") -> subprocess.CompletedProcess[str]:
+        """Run ``sql`` with the bundled psql as the superuser (tuples only, unaligned)."""
+        return subprocess.run(
+            [
+                str(self.bin_dir() / "psql"),
+                *("-h", self.host, "-p", str(self.port), "-U", "postgres", "-d", database),
+                *("-v", "ON_ERROR_STOP=1", "-tAc", sql),
+            ],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PGCONNECT_TIMEOUT": "5"},
+            check=False,
+        )
+
     def _ensure_database(self) -> None:
-        psql = str(self.bin_dir() / "psql")
-        env = {**os.environ, "PGCONNECT_TIMEOUT": "5"}
         for _ in range(50):  # the port opens a moment before connections are accepted
-            out = subprocess.run(
-                [
-                    psql,
-                    "-h",
-                    self.host,
-                    "-p",
-                    str(self.port),
-                    "-U",
-                    "postgres",
-                    "-d",
-                    "postgres",
-                    "-tAc",
-                    "SELECT 1 FROM pg_database WHERE datname='citypulse'",
-                ],
-                capture_output=True,
-                text=True,
-                env=env,
-                check=False,
-            )
+            out = self.psql("SELECT 1 FROM pg_database WHERE datname='citypulse'")
             if out.returncode == 0:
                 break
             time.sleep(0.1)
         else:
             raise EmbeddedError(f"postgres not accepting connections: {out.stderr}")
         if out.stdout.strip() != "1":
-            subprocess.run(
-                [
-                    psql,
-                    "-h",
-                    self.host,
-                    "-p",
-                    str(self.port),
-                    "-U",
-                    "postgres",
-                    "-d",
-                    "postgres",
-                    "-c",
-                    "CREATE DATABASE citypulse",
-                ],
-                check=True,
-                capture_output=True,
-                env=env,
-            )
+            created = self.psql("CREATE DATABASE citypulse")
+            if created.returncode != 0:
+                raise EmbeddedError(f"cannot create the citypulse database: {created.stderr}")
 
 
 class EmbeddedStack:

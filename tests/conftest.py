@@ -7,7 +7,6 @@ never see each other's data. A missing server is a failure, never a skip.
 
 from __future__ import annotations
 
-import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,16 +29,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:
 
 
 def _psql(stack: EmbeddedStack, sql: str) -> None:
-    pg = stack.postgres
-    args = ["-h", pg.host, "-p", str(pg.port), "-U", "postgres", "-d", "postgres"]
-    out = subprocess.run(
-        [str(pg.bin_dir() / "psql"), *args, "-v", "ON_ERROR_STOP=1", "-qc", sql],
-        check=False,
-        capture_output=True,
-        text=True,
-    )
+    out = stack.postgres.psql(sql)
     if out.returncode != 0:
-        server_log = pg.log_path.read_text(errors="replace")[-3000:]
+        server_log = stack.postgres.log_path.read_text(errors="replace")[-3000:]
         raise RuntimeError(f"psql {sql!r} failed: {out.stderr}\n--- server log ---\n{server_log}")
 
 
