@@ -96,6 +96,9 @@ def up(
         typer.Option(help="generate a city of this size instead of using the registry"),
     ] = None,
     seed: Annotated[int, typer.Option(help="simulator seed")] = 1,
+    readings_per_message: Annotated[
+        int, typer.Option(help="simulator records (timestamps) per message; >1 = batches")
+    ] = 1,
 ) -> None:
     """Run the whole pipeline locally: servers, migrations, services, optional simulator."""
     from citypulse.cli import settings_of
@@ -111,6 +114,7 @@ def up(
             speedup=speedup,
             sensors_per_silo_district=sensors_per_silo_district,
             seed=seed,
+            readings_per_message=readings_per_message,
         ),
     )
     raise typer.Exit(code)

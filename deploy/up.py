@@ -65,6 +65,7 @@ class UpOptions:
     speedup: float = 60.0
     sensors_per_silo_district: int | None = None
     seed: int = 1
+    readings_per_message: int = 1
     drain_s: float = 10.0
     """After the simulator stops, wait up to this long for the writer to catch up."""
 
@@ -283,7 +284,13 @@ def run_up(settings: Settings, opts: UpOptions) -> int:
         sim_error: list[BaseException] = []
         if opts.simulate:
             sim = Simulator(
-                registry, SimulatorConfig(rate=opts.rate, speedup=opts.speedup, seed=opts.seed)
+                registry,
+                SimulatorConfig(
+                    rate=opts.rate,
+                    speedup=opts.speedup,
+                    seed=opts.seed,
+                    readings_per_message=opts.readings_per_message,
+                ),
             )
             target = MqttTarget(
                 url=mqtt_url,
