@@ -206,6 +206,7 @@ class RuleEngine:
             touched.add(r.metric)
         for metric in touched:
             st.series[metric].trim(now - retention[metric])
+        st.version += 1  # group functions recompute this member's values
         self._clock(now)
         if st.last_seen_ms is None or now > st.last_seen_ms:
             st.last_seen_ms = now
@@ -277,6 +278,7 @@ class RuleEngine:
             for s in registry:
                 st = self._states.get(s.id) or SensorState(s)
                 st.sensor = s
+                st.version += 1
                 states[s.id] = st
             self._states = states
         self._ruleset = ruleset

@@ -93,12 +93,15 @@ class SensorState:
         last_seen_ms: event time of its latest reading, epoch ms (``None``: never seen).
     """
 
-    __slots__ = ("last_seen_ms", "sensor", "series")
+    __slots__ = ("last_seen_ms", "sensor", "series", "version")
 
     def __init__(self, sensor: Sensor) -> None:
         self.sensor = sensor
         self.series: dict[str, Series] = {}
         self.last_seen_ms: int | None = None
+        # Bumped by the engine on every change of this state (readings, registry entry), so
+        # group functions can keep a member's value until it changes or its validity ends.
+        self.version = 0
 
 
 class Ctx:
@@ -112,9 +115,24 @@ class Ctx:
         epoch_ms: when the engine first saw time: a never-seen sensor counts from here.
         members: the group's sensors with their state, for ``group.*`` functions.
         record: when not ``None``, every metric/aggregate value is written here by source text.
+        lo_ms: with ``hi_ms``, the event-time interval ``[lo_ms, hi_ms)`` around ``now_ms`` in
+            which the values read so far stay the same while the sensor's data does not change;
+            every time-dependent function narrows it (group functions use it to reuse a
+            member's value instead of recomputing it at each evaluation).
+        hi_ms: see ``lo_ms``.
     """
 
-    __slots__ = ("epoch_ms", "last_seen_ms", "members", "now_ms", "record", "sensor", "series")
+    __slots__ = (
+        "epoch_ms",
+        "hi_ms",
+        "last_seen_ms",
+        "lo_ms",
+        "members",
+        "now_ms",
+        "record",
+        "sensor",
+        "series",
+    )
 
     def __init__(self) -> None:
         self.now_ms = 0
@@ -124,7 +142,12 @@ class Ctx:
         self.last_seen_ms: int | None = None
         self.members: Sequence[SensorState] = ()
         self.record: dict[str, float] | None = None
+        self.lo_ms: float = _NEVER_LO
+        self.hi_ms: float = _NEVER_HI
 
+
+_NEVER_LO = -math.inf
+_NEVER_HI = math.inf
 
 Fn = Callable[[Ctx], Value]
 
@@ -520,8 +543,18 @@ class _Compiler:
         label = self.src(node)
 
         def current(c: Ctx) -> Value:
-            v = c.series.get(name, _EMPTY).last(c.now_ms)
-            if c.record is not None and v is not None:
+            s = c.series.get(name, _EMPTY)
+            ts = s.ts
+            j = bisect_right(ts, c.now_ms)
+            # Same value while the latest point at or before now stays the same.
+            if j and ts[j - 1] > c.lo_ms:
+                c.lo_ms = ts[j - 1]
+            if j < len(ts) and ts[j] < c.hi_ms:
+                c.hi_ms = ts[j]
+            if not j:
+                return None
+            v = s.vals[j - 1]
+            if c.record is not None:
                 c.record[label] = v
             return v
 
@@ -612,7 +645,12 @@ class _Compiler:
                 assert c.sensor is not None
                 limit_ms = factor * c.sensor.interval.total_seconds() * 1000
                 seen = c.epoch_ms if c.last_seen_ms is None else c.last_seen_ms
-                return c.now_ms - seen > limit_ms
+                if c.now_ms - seen > limit_ms:
+                    c.lo_ms = max(c.lo_ms, c.now_ms)  # stays stale until the sensor reports
+                    return True
+                # Not stale up to seen + limit (integer ms).
+                c.hi_ms = min(c.hi_ms, seen + math.floor(limit_ms) + 1)
+                return False
 
             return stale, Type.BOOL
         if name in ("abs", "clamp"):
@@ -645,6 +683,10 @@ class _Compiler:
                 s = c.series.get(metric, _EMPTY)
                 j = bisect_right(s.ts, c.now_ms)
                 v = None if j == 0 else (c.now_ms - s.ts[j - 1]) / 1000.0
+                if v is not None:  # changes with time itself
+                    c.lo_ms, c.hi_ms = max(c.lo_ms, c.now_ms), min(c.hi_ms, c.now_ms + 1)
+                elif j < len(s.ts):
+                    c.hi_ms = min(c.hi_ms, s.ts[j])
                 if c.record is not None and v is not None:
                     c.record[label] = v
                 return v
@@ -701,7 +743,7 @@ class _Compiler:
 
         def aggregate(c: Ctx) -> Value:
             s = c.series.get(metric, _EMPTY)
-            i, j = s.span(c.now_ms, window_ms)
+            i, j = _span(c, s.ts, window_ms)
             v = agg(s.vals[i:j])
             if c.record is not None and v is not None:
                 c.record[label] = v
@@ -715,7 +757,7 @@ class _Compiler:
 
         def change(c: Ctx) -> Value:
             s = c.series.get(metric, _EMPTY)
-            i, j = s.span(c.now_ms, window_ms)
+            i, j = _span(c, s.ts, window_ms)
             if j - i < 2:
                 return None
             v = s.vals[j - 1] - s.vals[i]
@@ -752,32 +794,38 @@ class _Compiler:
         self.selectors.append((selector, inner_metrics, node.start + 1))
         label = self.src(node)
         matches = _selector_matcher(selector, inner_metrics)
-        cache: dict[int, tuple[Sequence[SensorState], list[int]]] = {}
+        combine = _GROUP_AGG[kind]
+        cache: dict[int, _GroupMemo] = {}
 
         def group(c: Ctx) -> Value:
             members = c.members
             # Which members match is fixed for a given member list; cache by its identity.
             # The entry holds the list itself, so its id cannot be reused while cached.
-            entry = cache.get(id(members))
-            if entry is None or entry[0] is not members:
-                entry = (members, [k for k, m in enumerate(members) if matches(m.sensor)])
+            memo = cache.get(id(members))
+            if memo is None or memo.members is not members:
+                memo = _GroupMemo(members, [m for m in members if matches(m.sensor)])
                 if len(cache) > 65536:
                     cache.clear()
-                cache[id(members)] = entry
-            idx = entry[1]
-            saved = c.sensor, c.series, c.last_seen_ms, c.record
+                cache[id(members)] = memo
+            now = c.now_ms
+            saved = c.sensor, c.series, c.last_seen_ms, c.record, c.lo_ms, c.hi_ms
             c.record = None
-            vals: list[Value] = []
+            vers, los, his, vals = memo.versions, memo.lo, memo.hi, memo.vals
             try:
-                for k in idx:
-                    m = members[k]
+                # A member's value is recomputed only when its data changed or ``now`` left
+                # the interval in which that value holds: O(changed members), not O(members)
+                # window scans per evaluation. Values are combined in member order, so the
+                # result is exactly what a full re-scan gives.
+                for k, m in enumerate(memo.sel):
+                    if vers[k] == m.version and los[k] <= now < his[k]:
+                        continue
                     c.sensor, c.series, c.last_seen_ms = m.sensor, m.series, m.last_seen_ms
-                    v = fn(c)
-                    if v is not None:
-                        vals.append(v)
+                    c.lo_ms, c.hi_ms = _NEVER_LO, _NEVER_HI
+                    vals[k] = fn(c)
+                    vers[k], los[k], his[k] = m.version, c.lo_ms, c.hi_ms
             finally:
-                c.sensor, c.series, c.last_seen_ms, c.record = saved
-            out = _GROUP_AGG[kind](vals)
+                c.sensor, c.series, c.last_seen_ms, c.record, c.lo_ms, c.hi_ms = saved
+            out = combine([v for v in vals if v is not None])
             if c.record is not None and out is not None:
                 c.record[label] = float(out)
             return out
@@ -795,6 +843,38 @@ class _Compiler:
         for a in node.args:
             out |= self._names(a)
         return out
+
+
+class _GroupMemo:
+    """Per group function and member list: each matching member's last value and validity."""
+
+    __slots__ = ("hi", "lo", "members", "sel", "vals", "versions")
+
+    def __init__(self, members: Sequence[SensorState], sel: list[SensorState]) -> None:
+        self.members = members
+        self.sel = sel
+        n = len(sel)
+        self.versions: list[int] = [-1] * n  # -1: never computed
+        self.lo: list[float] = [_NEVER_LO] * n
+        self.hi: list[float] = [_NEVER_HI] * n
+        self.vals: list[Value] = [None] * n
+
+
+def _span(c: Ctx, ts: list[int], window_ms: int) -> tuple[int, int]:
+    """Index range of the points with ``now - window < ts <= now``; narrows ``c.lo_ms/hi_ms``
+    to the times at which that range is the same."""
+    now = c.now_ms
+    i, j = bisect_right(ts, now - window_ms), bisect_right(ts, now)
+    if i and ts[i - 1] + window_ms > c.lo_ms:
+        c.lo_ms = ts[i - 1] + window_ms
+    if j and ts[j - 1] > c.lo_ms:
+        c.lo_ms = ts[j - 1]
+    n = len(ts)
+    if i < n and ts[i] + window_ms < c.hi_ms:
+        c.hi_ms = ts[i] + window_ms
+    if j < n and ts[j] < c.hi_ms:
+        c.hi_ms = ts[j]
+    return i, j
 
 
 def _selector_matcher(
