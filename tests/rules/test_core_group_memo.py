@@ -39,7 +39,7 @@ COMBINE: dict[str, Callable[[list[Value]], Value]] = {
 def _rescan(kind: str, inner: str, water: list[SensorState], now: int) -> Value:
     """The group value computed from scratch: the inner expression on every member."""
     fn = compile_expr(inner, scope="sensor", want=None).fn
-    vals = []
+    vals: list[Value] = []
     for m in water:
         c = Ctx()
         c.now_ms, c.epoch_ms, c.sensor, c.series = now, T0, m.sensor, m.series
