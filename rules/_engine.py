@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import orjson
 
-from citypulse.events import AlertEvent, AlertState, CommandEvent, ReadingBatch
+from citypulse.events import AlertEvent, AlertState, CommandEvent
 from citypulse.registry import Registry, Sensor
 from rules._expr import Ctx, SensorState, Series, render_value
 from rules._load import Rule, RuleSet, group_member
@@ -26,6 +26,27 @@ log = logging.getLogger("citypulse.rules")
 SNAPSHOT_VERSION = 1
 EvalScope = Literal["sensor", "group", "all"]
 Effect = AlertEvent | CommandEvent
+
+
+class ReadingLike(Protocol):
+    """What the engine reads of a reading (:class:`~citypulse.events.Reading` has it)."""
+
+    @property
+    def ts_ms(self) -> int: ...
+    @property
+    def metric(self) -> str: ...
+    @property
+    def value(self) -> float: ...
+
+
+class BatchLike(Protocol):
+    """What the engine reads of a batch: a :class:`~citypulse.events.ReadingBatch`, or a
+    lighter record with the same fields (the runtime decodes Kafka records into one)."""
+
+    @property
+    def sensor(self) -> str: ...
+    @property
+    def readings(self) -> Sequence[ReadingLike]: ...
 
 
 class _Alert:
@@ -177,7 +198,7 @@ class RuleEngine:
     def ruleset(self) -> RuleSet:
         return self._ruleset
 
-    def process(self, batch: ReadingBatch, scope: EvalScope = "all") -> list[Effect]:
+    def process(self, batch: BatchLike, scope: EvalScope = "all") -> list[Effect]:
         """Add a batch's readings to the windows and evaluate the rules they can affect.
 
         Args:
@@ -248,7 +269,7 @@ class RuleEngine:
                 self._eval_group(rule, key[1].partition("=")[2], now_ms, out)
         return out
 
-    def group_keys(self, batch: ReadingBatch) -> list[tuple[str, str]]:
+    def group_keys(self, batch: BatchLike) -> list[tuple[str, str]]:
         """The ``(group_by field, group value)`` pairs whose group rules need this batch."""
         return list(self._index.group_keys.get(batch.sensor, ()))
 

@@ -23,7 +23,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 import orjson
@@ -140,12 +140,80 @@ def watermark_ms(
 
 def rekey_record(key: str, partition: int, offset: int, batch: ReadingBatch) -> bytes:
     """Value of a re-key record: the batch plus its group key and where it came from."""
-    return orjson.dumps(
-        {"v": 1, "key": key, "origin": [partition, offset], "batch": batch.model_dump(mode="json")}
-    )
+    return rekey_value(key, partition, offset, batch.encode())
 
 
-def _process_group(engine: Any, batch: ReadingBatch, key: str, registry: Registry) -> list[Effect]:
+def rekey_value(key: str, partition: int, offset: int, raw_batch: bytes) -> bytes:
+    """:func:`rekey_record` from the batch's JSON bytes as consumed (valid JSON: it was
+    decoded), embedded as they are: no re-serialisation per group key."""
+    head = orjson.dumps({"v": 1, "key": key, "origin": [partition, offset]})
+    return b"".join((head[:-1], b',"batch":', raw_batch, b"}"))
+
+
+class FastReading(NamedTuple):
+    """The fields of a :class:`~citypulse.events.Reading` the engine reads."""
+
+    ts_ms: int
+    metric: str
+    value: float
+
+
+class FastBatch(NamedTuple):
+    """The fields of a :class:`~citypulse.events.ReadingBatch` the engine reads."""
+
+    sensor: str
+    readings: tuple[FastReading, ...]
+
+
+_BATCH_KEYS = frozenset({"v", "sensor", "vendor", "received_ms", "source", "readings"})
+_READING_KEYS = frozenset({"ts_ms", "metric", "value", "unit"})
+_READING_KEYS_Q = _READING_KEYS | {"quality"}
+
+
+def decode_batch(obj: Any) -> FastBatch:
+    """A decoded ``ReadingBatch`` JSON object (``orjson.loads``) as a :class:`FastBatch`.
+
+    Accepts exactly what ``ReadingBatch.model_validate`` accepts: a well-formed object (the
+    collectors' output) is checked field by field here, ~3x cheaper than pydantic; anything
+    else goes through pydantic, which converts it or raises as before.
+
+    Raises:
+        pydantic.ValidationError: not a valid batch.
+    """
+    try:
+        if type(obj) is dict and obj.keys() == _BATCH_KEYS and obj["v"] == 1:
+            v, sensor, vendor = obj["v"], obj["sensor"], obj["vendor"]
+            rs, rcv, src = obj["readings"], obj["received_ms"], obj["source"]
+            ok = type(v) is int and type(sensor) is str and type(vendor) is str
+            ok = ok and type(rcv) is int and type(src) is str and type(rs) is list
+            if ok:
+                out = []
+                for r in rs:
+                    if type(r) is not dict:
+                        break
+                    keys = r.keys()
+                    if keys != _READING_KEYS and keys != _READING_KEYS_Q:
+                        break
+                    ts, metric, value = r["ts_ms"], r["metric"], r["value"]
+                    if type(ts) is not int or type(metric) is not str or type(r["unit"]) is not str:
+                        break
+                    if type(r.get("quality", 0)) is not int:
+                        break
+                    if type(value) is float:
+                        out.append(FastReading(ts, metric, value))
+                    elif type(value) is int:
+                        out.append(FastReading(ts, metric, float(value)))
+                    else:
+                        break
+                else:
+                    return FastBatch(sensor, tuple(out))
+    except (TypeError, AttributeError):
+        pass  # unhashable or odd values: pydantic says what is wrong
+    b = ReadingBatch.model_validate(obj)
+    return FastBatch(b.sensor, tuple(FastReading(r.ts_ms, r.metric, r.value) for r in b.readings))
+
+
+def _process_group(engine: Any, batch: Any, key: str, registry: Registry) -> list[Effect]:
     """Group-rule effects of ``batch`` for the one group ``key`` (``"field=value"``) only.
 
     A batch feeding several groups arrives once per group key, possibly in different
@@ -154,6 +222,8 @@ def _process_group(engine: Any, batch: ReadingBatch, key: str, registry: Registr
     emits them.
     """
     effects = engine.process(batch, scope="group")
+    if not effects:
+        return []
     by_name = engine.ruleset.by_name
     sensors = registry.by_id()
     field_, _, value = key.partition("=")
@@ -323,11 +393,11 @@ class _Stage(ConsumerRebalanceListener):  # type: ignore[misc]
             started = time.perf_counter()
             try:
                 if self.name == "sensor":
-                    batch = ReadingBatch.decode(rec.value)
+                    batch = decode_batch(orjson.loads(rec.value))
                     out = list(part.engine.process(batch, scope="sensor"))
                     for fld, value in part.engine.group_keys(batch):
                         key = f"{fld}={value}"
-                        payload = rekey_record(key, part.partition, rec.offset, batch)
+                        payload = rekey_value(key, part.partition, rec.offset, rec.value)
                         rekeys.append(
                             await self.w.producer.send(
                                 self.w.rekey_topic, payload, key=key.encode()
@@ -340,7 +410,7 @@ class _Stage(ConsumerRebalanceListener):  # type: ignore[misc]
                     if part.seen.get(seen_key, -1) >= o_off:
                         continue  # a replayed re-key record: this batch is already applied
                     part.seen[seen_key] = o_off
-                    batch = ReadingBatch.model_validate(env["batch"])
+                    batch = decode_batch(env["batch"])
                     out = _process_group(part.engine, batch, key, self.w.registry)
             except (ValidationError, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
                 log.warning(

@@ -1,0 +1,96 @@
+"""The rule worker's fast record decoding accepts and refuses exactly what pydantic does."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+import pytest
+from pydantic import ValidationError
+
+from citypulse.events import Reading, ReadingBatch
+from rules.runtime.worker import FastBatch, FastReading, decode_batch, rekey_record, rekey_value
+
+
+def _batch() -> ReadingBatch:
+    return ReadingBatch(
+        sensor="wtr-north-001",
+        vendor="aquasense",
+        received_ms=1_780_000_000_123,
+        source="abc",
+        readings=[
+            Reading(ts_ms=1_780_000_000_000, metric="pressure", value=3.5, unit="bar"),
+            Reading(ts_ms=1_780_000_000_500, metric="flow", value=12, unit="l/s", quality=2),
+        ],
+    )
+
+
+def _as_fast(b: ReadingBatch) -> FastBatch:
+    return FastBatch(b.sensor, tuple(FastReading(r.ts_ms, r.metric, r.value) for r in b.readings))
+
+
+def test_a_collector_batch_decodes_to_the_same_readings() -> None:
+    """What the collectors write decodes to the sensor, times, metrics and values pydantic
+    gives (ints as floats)."""
+    b = _batch()
+    fast = decode_batch(orjson.loads(b.encode()))
+    assert fast == _as_fast(b)
+    assert all(type(r.value) is float for r in fast.readings)
+
+
+def _variants() -> list[Any]:
+    good = orjson.loads(_batch().encode())
+    out: list[Any] = []
+    mutations: tuple[Callable[[dict[str, Any]], object], ...] = (
+        lambda d: d.pop("source"),
+        lambda d: d.update(extra=1),
+        lambda d: d.update(v=2),
+        lambda d: d.update(v=True),
+        lambda d: d.update(sensor=7),
+        lambda d: d.update(readings={}),
+        lambda d: d.update(received_ms="1780000000123"),
+        lambda d: d["readings"][0].update(ts_ms=1.78e12),
+        lambda d: d["readings"][0].update(ts_ms="1780000000000"),
+        lambda d: d["readings"][0].update(value="3.5"),
+        lambda d: d["readings"][0].update(value=True),
+        lambda d: d["readings"][0].update(value=None),
+        lambda d: d["readings"][1].pop("unit"),
+        lambda d: d["readings"][1].update(colour="red"),
+        lambda d: d["readings"][1].update(quality=None),
+        lambda d: d["readings"].append([1, 2]),
+        lambda d: d["readings"].clear(),
+    )
+    for mutate in mutations:
+        d = orjson.loads(orjson.dumps(good))
+        mutate(d)
+        out.append(d)
+    return [*out, [], "x", {}]
+
+
+@pytest.mark.parametrize("obj", _variants())
+def test_odd_records_are_judged_by_pydantic(obj: Any) -> None:
+    """Records that are not exactly the collectors' shape are accepted (converted the same
+    way) or refused with a ValidationError, exactly as ReadingBatch.model_validate does."""
+    try:
+        want: FastBatch | None = _as_fast(ReadingBatch.model_validate(obj))
+    except ValidationError:
+        want = None
+    if want is None:
+        with pytest.raises(ValidationError):
+            decode_batch(obj)
+    else:
+        assert decode_batch(obj) == want
+
+
+def test_rekey_value_embeds_the_consumed_bytes() -> None:
+    """A re-key record built from the consumed bytes holds the same envelope and batch as one
+    built by re-serialising the batch."""
+    b = _batch()
+    raw = b.encode()
+    fast = orjson.loads(rekey_value("district=north", 3, 41, raw))
+    slow = orjson.loads(rekey_record("district=north", 3, 41, b))
+    assert fast == slow
+    assert fast["key"] == "district=north"
+    assert fast["origin"] == [3, 41]
+    assert ReadingBatch.model_validate(fast["batch"]) == b
