@@ -227,7 +227,7 @@ class RuleEngine:
             touched.add(r.metric)
         for metric in touched:
             st.series[metric].trim(now - retention[metric])
-        st.version += 1  # group functions recompute this member's values
+        st.touch()  # group functions recompute this member's values
         self._clock(now)
         if st.last_seen_ms is None or now > st.last_seen_ms:
             st.last_seen_ms = now
@@ -299,7 +299,7 @@ class RuleEngine:
             for s in registry:
                 st = self._states.get(s.id) or SensorState(s)
                 st.sensor = s
-                st.version += 1
+                st.touch()
                 states[s.id] = st
             self._states = states
         self._ruleset = ruleset
@@ -418,6 +418,9 @@ class RuleEngine:
         self._ctx.epoch_ms = self._epoch_ms
 
     def _link_members(self) -> None:
+        # New member lists get new group memos, which register themselves as watchers.
+        for st in self._states.values():
+            st.watchers.clear()
         self._member_states = {
             key: [self._states[sid] for sid in sids] for key, sids in self._index.members.items()
         }

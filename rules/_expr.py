@@ -11,9 +11,10 @@ from __future__ import annotations
 import math
 import re
 from bisect import bisect_left, bisect_right
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from heapq import heappop, heappush
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
@@ -93,15 +94,23 @@ class SensorState:
         last_seen_ms: event time of its latest reading, epoch ms (``None``: never seen).
     """
 
-    __slots__ = ("last_seen_ms", "sensor", "series", "version")
+    __slots__ = ("last_seen_ms", "sensor", "series", "version", "watchers")
 
     def __init__(self, sensor: Sensor) -> None:
         self.sensor = sensor
         self.series: dict[str, Series] = {}
         self.last_seen_ms: int | None = None
-        # Bumped by the engine on every change of this state (readings, registry entry), so
-        # group functions can keep a member's value until it changes or its validity ends.
+        # Group functions keep a member's value until the member changes (``touch``) or time
+        # leaves the interval in which the value holds.
         self.version = 0
+        self.watchers: list[tuple[_GroupMemo, int]] = []
+
+    def touch(self) -> None:
+        """Record that ``series``, ``last_seen_ms`` or ``sensor`` changed: call after every
+        change, so group functions recompute this member's values."""
+        self.version += 1
+        for memo, k in self.watchers:
+            memo.dirty.add(k)
 
 
 class Ctx:
@@ -808,21 +817,39 @@ class _Compiler:
                     cache.clear()
                 cache[id(members)] = memo
             now = c.now_ms
+            # A member's value is recomputed only when the member changed (``touch`` marks it
+            # dirty) or ``now`` left the interval in which its value holds (a heap of the
+            # interval ends): O(changed members) per evaluation, not O(members) window scans.
+            # Values are combined in member order, so the result is exactly what a full
+            # re-scan gives. When time goes back (late data), every member is checked.
+            heap = memo.heap
+            todo: Iterable[int]
+            if memo.now is None or now < memo.now:
+                todo = range(len(memo.sel))
+            else:
+                todo = memo.dirty
+                while heap and heap[0][0] <= now:
+                    todo.add(heappop(heap)[1])
+            memo.dirty = set()
+            memo.now = now
             saved = c.sensor, c.series, c.last_seen_ms, c.record, c.lo_ms, c.hi_ms
             c.record = None
-            vers, los, his, vals = memo.versions, memo.lo, memo.hi, memo.vals
+            sel, vers, los, his, vals = memo.sel, memo.versions, memo.lo, memo.hi, memo.vals
             try:
-                # A member's value is recomputed only when its data changed or ``now`` left
-                # the interval in which that value holds: O(changed members), not O(members)
-                # window scans per evaluation. Values are combined in member order, so the
-                # result is exactly what a full re-scan gives.
-                for k, m in enumerate(memo.sel):
+                for k in todo:
+                    m = sel[k]
                     if vers[k] == m.version and los[k] <= now < his[k]:
                         continue
                     c.sensor, c.series, c.last_seen_ms = m.sensor, m.series, m.last_seen_ms
                     c.lo_ms, c.hi_ms = _NEVER_LO, _NEVER_HI
                     vals[k] = fn(c)
-                    vers[k], los[k], his[k] = m.version, c.lo_ms, c.hi_ms
+                    hi = c.hi_ms
+                    vers[k], los[k], his[k] = m.version, c.lo_ms, hi
+                    if hi != _NEVER_HI:
+                        heappush(heap, (hi, k))
+            except BaseException:
+                memo.now = None  # not every member is up to date: check them all next time
+                raise
             finally:
                 c.sensor, c.series, c.last_seen_ms, c.record, c.lo_ms, c.hi_ms = saved
             out = combine([v for v in vals if v is not None])
@@ -848,7 +875,7 @@ class _Compiler:
 class _GroupMemo:
     """Per group function and member list: each matching member's last value and validity."""
 
-    __slots__ = ("hi", "lo", "members", "sel", "vals", "versions")
+    __slots__ = ("dirty", "heap", "hi", "lo", "members", "now", "sel", "vals", "versions")
 
     def __init__(self, members: Sequence[SensorState], sel: list[SensorState]) -> None:
         self.members = members
@@ -858,6 +885,11 @@ class _GroupMemo:
         self.lo: list[float] = [_NEVER_LO] * n
         self.hi: list[float] = [_NEVER_HI] * n
         self.vals: list[Value] = [None] * n
+        self.dirty: set[int] = set()  # members changed since the last evaluation
+        self.heap: list[tuple[float, int]] = []  # (end of validity, member): may hold stale ends
+        self.now: int | None = None  # time of the last evaluation (None: check every member)
+        for k, m in enumerate(sel):
+            m.watchers.append((self, k))
 
 
 def _span(c: Ctx, ts: list[int], window_ms: int) -> tuple[int, int]:

@@ -70,7 +70,7 @@ def test_memoised_group_value_equals_a_fresh_rescan(kind: str, inner: str) -> No
             m.series.setdefault("pressure", Series()).add(ts, round(rnd.uniform(0, 10), 2))
             if m.last_seen_ms is None or ts > m.last_seen_ms:
                 m.last_seen_ms = ts
-            m.version += 1
+            m.touch()
         now += rnd.choice([0, 1, 500, 7_000, 30_000, 61_000])
         at = now - rnd.randrange(0, 5 * MIN) if rnd.random() < 0.2 else now
         c = Ctx()
