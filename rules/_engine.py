@@ -168,6 +168,25 @@ class _Index:
             keys.sort()
 
 
+_INDEXES: dict[tuple[int, int], tuple[RuleSet, Registry, _Index]] = {}
+
+
+def _index_of(ruleset: RuleSet, registry: Registry) -> _Index:
+    """The index of a rule set over a registry, shared by every engine built from the same two
+    objects (the runtime has one engine per partition; building the index means matching
+    every rule against every sensor, seconds for a city). The index is never mutated."""
+    key = (id(ruleset), id(registry))
+    hit = _INDEXES.get(key)
+    # The entry holds both objects, so their ids cannot be reused while it is cached.
+    if hit is not None and hit[0] is ruleset and hit[1] is registry:
+        return hit[2]
+    index = _Index(ruleset, registry)
+    if len(_INDEXES) >= 4:  # a few rule versions at most (hot reloads replace the old one)
+        _INDEXES.pop(next(iter(_INDEXES)))
+    _INDEXES[key] = (ruleset, registry, index)
+    return index
+
+
 class RuleEngine:
     """Evaluates a :class:`RuleSet` over readings; keeps windows, timers and alert state.
 
@@ -179,7 +198,7 @@ class RuleEngine:
     def __init__(self, ruleset: RuleSet, registry: Registry) -> None:
         self._ruleset = ruleset
         self._registry = registry
-        self._index = _Index(ruleset, registry)
+        self._index = _index_of(ruleset, registry)
         self._states: dict[str, SensorState] = {s.id: SensorState(s) for s in registry}
         self._member_states: dict[tuple[str, str], list[SensorState]] = {}
         self._alerts: dict[tuple[str, str], _Alert] = {}
@@ -303,7 +322,7 @@ class RuleEngine:
                 states[s.id] = st
             self._states = states
         self._ruleset = ruleset
-        self._index = _Index(ruleset, self._registry)
+        self._index = _index_of(ruleset, self._registry)
         self._link_members()
         self._alerts = {k: v for k, v in self._alerts.items() if k[0] in keep}
         self._ended = {k: v for k, v in self._ended.items() if k[0] in keep}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -79,3 +80,26 @@ def test_memoised_group_value_equals_a_fresh_rescan(kind: str, inner: str) -> No
         assert got == _rescan(kind, inner, water, at), (step, at - T0)
         seen.add(got)
     assert len(seen) >= 2  # the data made the value change
+
+
+def test_engines_of_one_rule_set_share_the_index_but_not_the_state() -> None:
+    """The runtime's per-partition engines build the rule index once; their states (and group
+    memos) stay separate: a reading in one engine does not show in another's group value."""
+    from citypulse.events import Reading, ReadingBatch
+    from rules import RuleEngine, load_rules
+
+    registry = generate_registry(1, 3, seed=3)
+    ruleset = load_rules(Path(__file__).parents[2] / "rules" / "examples", registry)
+    a, b = RuleEngine(ruleset, registry), RuleEngine(ruleset, registry)
+    assert a._index is b._index
+    sensor = next(s for s in registry if "pressure" in s.metrics)
+    batch = ReadingBatch(
+        sensor=sensor.id,
+        vendor=sensor.vendor,
+        received_ms=T0,
+        source="t",
+        readings=[Reading(ts_ms=T0, metric="pressure", value=1.0, unit="bar")],
+    )
+    a.process(batch)
+    assert a._states[sensor.id].series["pressure"].ts == [T0]
+    assert "pressure" not in b._states[sensor.id].series
