@@ -47,6 +47,7 @@ console = Console(stderr=True)
 ACCEPTED = "citypulse_collector_readings_accepted_total"
 REFUSED = "citypulse_collector_messages_refused_total"
 STORED = "citypulse_writer_readings_stored_total"
+DUPLICATES = "citypulse_writer_readings_duplicate_total"
 
 SERVICES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("collector", ("collect",)),
@@ -66,8 +67,10 @@ class UpOptions:
     sensors_per_silo_district: int | None = None
     seed: int = 1
     readings_per_message: int = 1
-    drain_s: float = 10.0
+    drain_s: float = 120.0
     """After the simulator stops, wait up to this long for the writer to catch up."""
+    stall_s: float = 10.0
+    """... but stop waiting once the stored count has not moved for this long."""
 
 
 @dataclass(slots=True)
@@ -112,6 +115,8 @@ class Counters:
     accepted: float | None = None
     refused: float | None = None
     stored: float | None = None
+    duplicates: float | None = None
+    """Readings the writer skipped as already stored (a vendor re-sent the same instant)."""
     history: list[tuple[float, float]] = field(default_factory=list)
 
     def stored_rate(self, window_s: float = 5.0) -> float | None:
@@ -333,6 +338,7 @@ def run_up(settings: Settings, opts: UpOptions) -> int:
                 counters.refused = scrape(ports["collector"], REFUSED)
             if "writer" in ports:
                 counters.stored = scrape(ports["writer"], STORED)
+                counters.duplicates = scrape(ports["writer"], DUPLICATES)
                 if counters.stored is not None:
                     counters.history.append((time.monotonic(), counters.stored))
                     del counters.history[:-30]
@@ -360,7 +366,7 @@ def run_up(settings: Settings, opts: UpOptions) -> int:
                 sim_thread.join(30)
             # Let what was published reach the database before stopping the services.
             deadline = time.monotonic() + opts.drain_s
-            last = -1.0
+            last, moved = -1.0, time.monotonic()
             while opts.simulate and time.monotonic() < deadline:
                 poll()
                 live.update(
@@ -373,11 +379,15 @@ def run_up(settings: Settings, opts: UpOptions) -> int:
                     )
                 )
                 published = report_box[0].readings if report_box else 0
-                now_stored = counters.stored or 0.0
-                if now_stored >= published or (now_stored == last and now_stored > 0):
+                goal = max(published, counters.accepted or 0.0)
+                now_stored = (counters.stored or 0.0) + (counters.duplicates or 0.0)
+                if now_stored >= goal:
                     break
-                last = now_stored
-                time.sleep(1.0)
+                if now_stored != last:
+                    last, moved = now_stored, time.monotonic()
+                elif time.monotonic() - moved > opts.stall_s:
+                    break
+                time.sleep(0.5)
 
         elapsed = time.monotonic() - began
         report = report_box[0] if report_box else None
@@ -386,10 +396,20 @@ def run_up(settings: Settings, opts: UpOptions) -> int:
         summary.add_row("readings accepted", _fmt(counters.accepted))
         summary.add_row("messages refused", _fmt(counters.refused))
         summary.add_row("readings stored", _fmt(counters.stored))
+        if counters.duplicates:
+            summary.add_row("re-sent readings skipped", _fmt(counters.duplicates))
         stored_rate = (counters.stored or 0.0) / elapsed if elapsed > 0 else 0.0
         summary.add_row("stored readings/s", f"{stored_rate:,.1f}")
         if report is not None:
             summary.add_row("incidents", str(len(report.incidents)))
+        behind = (
+            (counters.accepted or 0.0) - (counters.stored or 0.0) - (counters.duplicates or 0.0)
+        )
+        if opts.simulate and behind > 0:
+            console.print(
+                f"[yellow]{behind:,.0f} accepted readings were not stored before the stop: the "
+                "embedded Kafka broker (tansu) keeps them in memory only (deploy/GUARANTEES.md)"
+            )
         console.print(summary)
         if sim_error:
             console.print(f"[red]simulator: {sim_error[0]}[/]")
