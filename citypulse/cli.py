@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
 from citypulse.logs import setup_logging
 from citypulse.settings import Settings
+
+if TYPE_CHECKING:
+    from citypulse.registry import Registry
 
 app = typer.Typer(
     name="citypulse",
@@ -37,20 +40,25 @@ def settings_of(ctx: typer.Context) -> Settings:
     return obj
 
 
+def registry_or_exit(path: Path, code: int = 1) -> Registry:
+    """Load the registry at ``path``, or print every located problem and exit with ``code``."""
+    from citypulse.registry import RegistryError, load_registry
+
+    try:
+        return load_registry(path)
+    except RegistryError as exc:
+        for problem in exc.problems:
+            err.print(str(problem), markup=False, highlight=False)
+        err.print(f"{len(exc.problems)} problem(s) in {path}", style="red")
+        raise typer.Exit(code) from None
+
+
 @registry_app.command("validate")
 def registry_validate(
     file: Annotated[Path, typer.Argument(help="registry YAML file")],
 ) -> None:
     """Check a registry file; print every problem as file:line:col and exit 1 on any."""
-    from citypulse.registry import RegistryError, load_registry
-
-    try:
-        reg = load_registry(file)
-    except RegistryError as exc:
-        for problem in exc.problems:
-            err.print(str(problem), markup=False, highlight=False)
-        err.print(f"{len(exc.problems)} problem(s) in {file}", style="red")
-        raise typer.Exit(1) from None
+    reg = registry_or_exit(file)
     typer.echo(f"{file}: {len(reg)} sensors, {len(reg.districts())} districts, ok")
 
 

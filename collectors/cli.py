@@ -6,13 +6,16 @@ import asyncio
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from citypulse.events import ReadingBatch, RejectReason
+
+if TYPE_CHECKING:
+    from citypulse.registry import Registry
 
 app = typer.Typer(no_args_is_help=True)
 vendor_app = typer.Typer(help="Tools for vendors integrating with the MQTT contract.")
@@ -23,28 +26,21 @@ out = Console()
 err = Console(stderr=True)
 
 
-def _load_registry(path: Path) -> object:
-    from citypulse.registry import RegistryError, load_registry
+def _load_registry(path: Path) -> Registry:
+    from citypulse.cli import registry_or_exit
 
-    try:
-        return load_registry(path)
-    except RegistryError as exc:
-        for problem in exc.problems:
-            err.print(str(problem), markup=False, highlight=False)
-        raise typer.Exit(2) from None
+    return registry_or_exit(path, code=2)  # 1 is a refused payload's verdict
 
 
 @app.command("collect")
 def collect(ctx: typer.Context) -> None:
     """Run a collector: MQTT (shared subscription, QoS 1) → validate → Kafka, until SIGTERM."""
     from citypulse.cli import settings_of
-    from citypulse.registry import Registry
     from citypulse.service import run_service
     from collectors.service import Collector
 
     settings = settings_of(ctx)
     registry = _load_registry(settings.registry)
-    assert isinstance(registry, Registry)
     code = asyncio.run(run_service(Collector(settings, registry), settings.metrics_port))
     raise typer.Exit(code)
 
@@ -61,13 +57,11 @@ def vendor_check(
 ) -> None:
     """Validate a sample payload offline with the collector's own code; exit 1 if refused."""
     from citypulse.cli import settings_of
-    from citypulse.registry import Registry
     from citypulse.topics import SensorTopic
     from collectors.validate import Limits, Validator
 
     settings = settings_of(ctx)
     reg = _load_registry(registry or settings.registry)
-    assert isinstance(reg, Registry)
     raw = file.read_bytes()
     topic = str(SensorTopic(vendor, sensor, "up"))
     verdict = Validator(reg, Limits.from_settings(settings)).validate(
@@ -125,13 +119,11 @@ def dlq_replay(
 ) -> None:
     """Re-validate dead-lettered messages against the current registry; produce accepted ones."""
     from citypulse.cli import settings_of
-    from citypulse.registry import Registry
     from collectors.dlq import replay
     from collectors.validate import Limits, Validator
 
     settings = settings_of(ctx)
     reg = _load_registry(settings.registry)
-    assert isinstance(reg, Registry)
     result = asyncio.run(replay(settings, Validator(reg, Limits.from_settings(settings)), reason))
     out.print(
         f"replayed {result.replayed} message(s), {result.readings} reading(s) to "

@@ -34,18 +34,12 @@ def build(
     ] = None,
 ) -> None:
     """Generate dashboards JSON and Grafana provisioning files from the registry."""
-    from citypulse.cli import err, settings_of
-    from citypulse.registry import RegistryError, load_registry
+    from citypulse.cli import registry_or_exit, settings_of
     from dashboards._provision import detect_timescaledb, write_all
 
     settings = settings_of(ctx)
     reg_path = registry or settings.registry
-    try:
-        reg = load_registry(reg_path)
-    except RegistryError as exc:
-        for problem in exc.problems:
-            err.print(str(problem), markup=False, highlight=False)
-        raise typer.Exit(1) from None
+    reg = registry_or_exit(reg_path)
     if timescaledb is None:
         timescaledb = asyncio.run(detect_timescaledb(settings.dsn))
     for path in write_all(

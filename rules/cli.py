@@ -27,17 +27,11 @@ def check(
     registry: _RegistryOpt = None,
 ) -> None:
     """Check rule files; print every problem as file:line:col and exit 1 on any error."""
-    from citypulse.cli import settings_of
-    from citypulse.registry import RegistryError, load_registry
+    from citypulse.cli import registry_or_exit, settings_of
     from rules._load import check_rules
 
     settings = settings_of(ctx)
-    try:
-        reg = load_registry(registry or settings.registry)
-    except RegistryError as exc:
-        for p in exc.problems:
-            typer.echo(str(p), err=True)
-        raise typer.Exit(1) from None
+    reg = registry_or_exit(registry or settings.registry)
     targets = paths or [settings.rules]
     ruleset, errors = check_rules(targets, reg)
     errors = [*errors, *_maintenance_errors(targets, reg)]

@@ -72,18 +72,12 @@ def registry_load(
     ] = None,
 ) -> None:
     """Upsert the sensor registry into the database; sensors no longer listed are retired."""
-    from citypulse.cli import err, settings_of
-    from citypulse.registry import RegistryError, load_registry
+    from citypulse.cli import registry_or_exit, settings_of
     from storage.registry_db import load_registry_into
 
     settings = settings_of(ctx)
     path = registry or settings.registry
-    try:
-        reg = load_registry(path)
-    except RegistryError as exc:
-        for problem in exc.problems:
-            err.print(str(problem), markup=False, highlight=False)
-        raise typer.Exit(1) from None
+    reg = registry_or_exit(path)
 
     async def load() -> None:
         import asyncpg
