@@ -38,7 +38,7 @@ def add_commands(app: typer.Typer) -> None:
         checkpoint_s: Annotated[float, typer.Option(help="snapshot state this often")] = 5.0,
         checkpoint_records: Annotated[
             int, typer.Option(help="... or after this many input records")
-        ] = 1000,
+        ] = 20_000,
         resend_s: Annotated[
             float, typer.Option(help="re-send firing alerts to Alertmanager this often")
         ] = 60.0,

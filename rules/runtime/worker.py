@@ -81,7 +81,7 @@ class WorkerOptions:
             crashed worker move to the others (heartbeats every third of it).
     """
 
-    checkpoint_records: int = 1000
+    checkpoint_records: int = 20_000
     checkpoint_s: float = 5.0
     tick_s: float = 1.0
     resend_s: float = 60.0
