@@ -8,6 +8,8 @@ command -v prometheus-alertmanager >/dev/null 2>&1 || need+=(prometheus-alertman
 command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
 command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+# Debian/Ubuntu ship venv (ensurepip) separately from python3.
+python3 -c "import ensurepip, venv" >/dev/null 2>&1 || need+=(python3-venv)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
   echo "missing Debian packages: ${need[*]}" >&2
