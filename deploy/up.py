@@ -136,8 +136,9 @@ def citypulse_argv() -> list[str]:
     return [found] if found else [sys.executable, "-c", "from citypulse.cli import main; main()"]
 
 
-def scrape(port: int, name: str, timeout_s: float = 1.0) -> float | None:
-    """Sum of every sample of counter ``name`` at ``http://127.0.0.1:port/metrics``."""
+def scrape(port: int, name: str, timeout_s: float = 1.0, **labels: str) -> float | None:
+    """Sum of the samples of counter ``name`` at ``http://127.0.0.1:port/metrics`` (those with
+    ``labels``, if given)."""
     url = f"http://127.0.0.1:{port}/metrics"
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as resp:
@@ -147,7 +148,7 @@ def scrape(port: int, name: str, timeout_s: float = 1.0) -> float | None:
     total: float | None = None
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name == name:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 total = (total or 0.0) + float(sample.value)
     return total
 

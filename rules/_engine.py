@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -193,12 +193,23 @@ class RuleEngine:
     Args:
         ruleset: compiled rules (:func:`rules.load_rules`).
         registry: the sensor registry the rules select from.
+        owns: which keys (sensor id, or ``"field=value"`` group key) this engine speaks for
+            when time passes (:meth:`advance`); default all. The runtime runs one engine per
+            partition, and only the partition a key hashes to sees its readings, so only
+            that one ticks its staleness: the others would tick it for nothing.
     """
 
-    def __init__(self, ruleset: RuleSet, registry: Registry) -> None:
+    def __init__(
+        self,
+        ruleset: RuleSet,
+        registry: Registry,
+        owns: Callable[[str], bool] | None = None,
+    ) -> None:
         self._ruleset = ruleset
         self._registry = registry
+        self._owns = owns
         self._index = _index_of(ruleset, registry)
+        self._own_ticks()
         self._states: dict[str, SensorState] = {s.id: SensorState(s) for s in registry}
         self._member_states: dict[tuple[str, str], list[SensorState]] = {}
         self._alerts: dict[tuple[str, str], _Alert] = {}
@@ -261,22 +272,25 @@ class RuleEngine:
                     self._eval_group(rule, g, now, out)
         return out
 
-    def advance(self, now_ms: int) -> list[Effect]:
+    def advance(self, now_ms: int, scope: EvalScope = "all") -> list[Effect]:
         """Let time pass to ``now_ms`` (epoch ms): staleness, ``for`` and ``keep_firing_for``.
 
-        Re-evaluates every pending or firing alert and every rule that uses ``stale()``.
+        Re-evaluates every pending or firing alert and every rule that uses ``stale()`` (of
+        the keys this engine owns, and of ``scope`` as in :meth:`process`).
         """
         self._clock(now_ms)
         out: list[Effect] = []
         done: set[tuple[str, str]] = set()
-        for rule, sensor_ids in self._index.tick_sensor_rules:
-            for sid in sensor_ids:
-                done.add((rule.name, sid))
-                self._eval_sensor(rule, self._states[sid], now_ms, out)
-        for rule, groups in self._index.tick_group_rules:
-            for g in groups:
-                done.add((rule.name, _group_key(rule, g)))
-                self._eval_group(rule, g, now_ms, out)
+        if scope != "group":
+            for rule, sensor_ids in self._tick_sensor:
+                for sid in sensor_ids:
+                    done.add((rule.name, sid))
+                    self._eval_sensor(rule, self._states[sid], now_ms, out)
+        if scope != "sensor":
+            for rule, groups in self._tick_group:
+                for g in groups:
+                    done.add((rule.name, _group_key(rule, g)))
+                    self._eval_group(rule, g, now_ms, out)
         by_name = self._ruleset.by_name
         for key in sorted(self._alerts):
             if key in done:
@@ -323,6 +337,7 @@ class RuleEngine:
             self._states = states
         self._ruleset = ruleset
         self._index = _index_of(ruleset, self._registry)
+        self._own_ticks()
         self._link_members()
         self._alerts = {k: v for k, v in self._alerts.items() if k[0] in keep}
         self._ended = {k: v for k, v in self._ended.items() if k[0] in keep}
@@ -435,6 +450,21 @@ class RuleEngine:
         if self._epoch_ms is None:
             self._epoch_ms = now_ms
         self._ctx.epoch_ms = self._epoch_ms
+
+    def _own_ticks(self) -> None:
+        """The index's tick lists cut to the keys this engine owns."""
+        owns, index = self._owns, self._index
+        if owns is None:
+            self._tick_sensor = index.tick_sensor_rules
+            self._tick_group = index.tick_group_rules
+            return
+        self._tick_sensor = [
+            (rule, [sid for sid in sids if owns(sid)]) for rule, sids in index.tick_sensor_rules
+        ]
+        self._tick_group = [
+            (rule, [g for g in groups if owns(_group_key(rule, g))])
+            for rule, groups in index.tick_group_rules
+        ]
 
     def _link_members(self) -> None:
         # New member lists get new group memos, which register themselves as watchers.

@@ -42,6 +42,7 @@ from stream import make_consumer
 console = Console(stderr=True)
 SILOS = 6
 RAMP_CAP = 1.5
+RULES_READINGS = "citypulse_rules_readings_total"
 """The ramp never offers more than this times the rate the publishers got PUBACKed."""
 RAMP_FLOOR = 2000.0
 """... nor caps the offer below this (readings/s): the start of the ramp."""
@@ -474,38 +475,54 @@ class Bench:
         }
 
     def _drain(self, pubs: Publishers, timeout_s: float = 180.0) -> dict[str, Any]:
-        """Stop offering; wait until every PUBACKed reading was accepted and stored.
+        """Stop offering; wait until every PUBACKed reading was accepted, stored and evaluated
+        by the rule workers (so the next phase's alert latency is not the last one's lag).
 
         Returns:
             ``seconds`` waited, ``backlog`` readings still PUBACKed but not stored at the end
-            (0 when the next phase starts clean) and ``drained``.
+            (0 when the next phase starts clean), ``rules_backlog`` readings accepted but not
+            yet evaluated by the rules' sensor stage, and ``drained``.
         """
         pubs.set_rate(0)
         t0 = time.monotonic()
         last, still = -1.0, 0.0
-        stored = accepted = 0.0
+        stored = accepted = evaluated = 0.0
+
+        def done() -> bool:
+            return stored >= accepted and evaluated >= accepted and accepted >= pubs.acked * 0.999
+
         while time.monotonic() - t0 < timeout_s:
             self._check_children()
             stored = self._counter("writer", STORED)
             accepted = self._counter("collector", ACCEPTED)
-            if stored >= accepted and accepted >= pubs.acked * 0.999:
+            evaluated = self._rules_evaluated()
+            if done():
                 break
             # Probes keep trickling in (~20 readings/s): "still" means no bulk progress for
             # 10 s, i.e. the broker dropped messages (max_queued_messages) and they never come.
-            if stored - last < 50:
+            progress = stored + evaluated
+            if progress - last < 100:
                 still += 0.5
                 if still >= 10:
                     break
             else:
                 still = 0
-            last = stored
+            last = progress
             time.sleep(0.5)
-        backlog = max(0, int(pubs.acked - stored))
         return {
             "seconds": round(time.monotonic() - t0, 2),
-            "backlog": backlog,
-            "drained": stored >= accepted and accepted >= pubs.acked * 0.999,
+            "backlog": max(0, int(pubs.acked - stored)),
+            "rules_backlog": max(0, int(accepted - evaluated)),
+            "drained": done(),
         }
+
+    def _rules_evaluated(self) -> float:
+        """Readings the rule workers' sensor stage has evaluated (all workers)."""
+        return sum(
+            scrape(c.metrics_port, RULES_READINGS, stage="sensor") or 0.0
+            for c in self.children
+            if c.name.startswith("rules")
+        )
 
     # -- the run ------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:

@@ -15,6 +15,11 @@ EVALUATION_SECONDS = Histogram(
     ["stage"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
 )
+READINGS = Counter(
+    "citypulse_rules_readings_total",
+    "Readings evaluated, by stage (the group stage counts each re-keyed copy)",
+    ["stage"],
+)
 ALERTS = Gauge(
     "citypulse_rules_alerts",
     "Alerts currently in each state, as last emitted by this worker's partitions",
@@ -36,5 +41,10 @@ SUPPRESSED = Counter(
 )
 CHECKPOINTS = Counter(
     "citypulse_rules_checkpoints_total", "State snapshots written to the changelog", ["stage"]
+)
+SNAPSHOT_BYTES = Gauge(
+    "citypulse_rules_snapshot_bytes",
+    "Size of the partition's latest state snapshot record (the state topic allows 64 MiB)",
+    ["stage", "partition"],
 )
 RELOADS = Counter("citypulse_rules_reloads_total", "Rule reloads by outcome", ["outcome"])

@@ -306,9 +306,14 @@ class _Stage(ConsumerRebalanceListener):  # type: ignore[misc]
         self.group_id = group_id
         self.parts: dict[int, _Part] = {}
         self.lock = asyncio.Lock()
+        self._inflight: asyncio.Task[None] | None = None
         self.consumer: AIOKafkaConsumer | None = None
         self.running = False
         self.partitions = worker.settings.partitions
+        self._partition_of: dict[tuple[str, int], int] = {}
+        self._evaluations = metrics.EVALUATIONS.labels(name)
+        self._evaluation_s = metrics.EVALUATION_SECONDS.labels(name)
+        self._readings = metrics.READINGS.labels(name)
 
     # -- rebalance ----------------------------------------------------------------------------
     async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
@@ -330,7 +335,7 @@ class _Stage(ConsumerRebalanceListener):  # type: ignore[misc]
                 self.w.settings, (f"{self.name}:{tp.partition}" for tp in new)
             )
             for tp in new:
-                engine = self.w.new_engine()
+                engine = self.w.new_engine(self._owner(tp.partition))
                 snap = snaps.get(f"{self.name}:{tp.partition}")
                 part = _Part(tp.partition, engine)
                 if snap is not None:
@@ -353,6 +358,18 @@ class _Stage(ConsumerRebalanceListener):  # type: ignore[misc]
                     "restored": sorted(snaps),
                 },
             )
+
+    def _owner(self, partition: int) -> Callable[[str], bool]:
+        """Whether a key (sensor id, group key) hashes to ``partition`` (see RuleEngine)."""
+        cache, partitions = self._partition_of, self.partitions
+
+        def owns(key: str) -> bool:
+            p = cache.get((key, partitions))
+            if p is None:
+                p = cache[(key, partitions)] = partition_of(key, partitions)
+            return p == partition
+
+        return owns
 
     # -- main loop ----------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -418,8 +435,9 @@ class _Stage(ConsumerRebalanceListener):  # type: ignore[misc]
                     extra={"stage": self.name, "partition": part.partition, "offset": rec.offset},
                 )
                 continue
-            metrics.EVALUATIONS.labels(self.name).inc()
-            metrics.EVALUATION_SECONDS.labels(self.name).observe(time.perf_counter() - started)
+            self._evaluations.inc()
+            self._evaluation_s.observe(time.perf_counter() - started)
+            self._readings.inc(len(batch.readings))
             latest = max(r.ts_ms for r in batch.readings) if batch.readings else None
             if latest is not None and (part.event_ms is None or latest > part.event_ms):
                 part.event_ms, part.event_wall_ms = latest, wall_ms()
@@ -460,15 +478,15 @@ class _Stage(ConsumerRebalanceListener):  # type: ignore[misc]
         part.tick_ms = now_ms
         started = time.perf_counter()
         effects = owned_effects(
-            part.engine.advance(now_ms),
+            part.engine.advance(now_ms, scope=self.name),
             self.name,
             part.partition,
             self.partitions,
             part.engine.ruleset,
             self.w.registry,
         )
-        metrics.EVALUATIONS.labels(self.name).inc()
-        metrics.EVALUATION_SECONDS.labels(self.name).observe(time.perf_counter() - started)
+        self._evaluations.inc()
+        self._evaluation_s.observe(time.perf_counter() - started)
         part.clock_ms = max(part.clock_ms, now_ms)
         if effects:
             # State changed with time alone: snapshot it soon, or a crash would let
@@ -477,7 +495,21 @@ class _Stage(ConsumerRebalanceListener):  # type: ignore[misc]
         await self.w.emit(part, effects)
 
     async def _checkpoint(self, parts: Sequence[_Part], force: bool) -> None:
-        """Snapshot then commit: effects of these records are already delivered."""
+        """Snapshot then commit: effects of these records are already delivered.
+
+        The state is captured here, on the loop (it must match the offsets); compressing,
+        writing and committing it run in the background while consumption goes on, one write
+        at a time per stage (a due partition waits for the next call). ``force`` (revocation,
+        shutdown) waits for the write in flight, then writes and waits for its own.
+        """
+        if self._inflight is not None and self._inflight.done():
+            task, self._inflight = self._inflight, None
+            task.result()  # a failed write stops the stage, as a failed send always did
+        if self._inflight is not None:
+            if not force:
+                return
+            task, self._inflight = self._inflight, None
+            await task
         now = time.monotonic()
         due = [
             p
@@ -491,27 +523,42 @@ class _Stage(ConsumerRebalanceListener):  # type: ignore[misc]
         ]
         if not due:
             return
+        snaps = []
         for p in due:
-            snap = Snapshot(
-                self.name,
-                p.partition,
-                p.offset,
-                p.engine.snapshot(),
-                p.clock_ms,
-                dict(p.firing),
-                dict(p.quiet),
-                dict(p.seen),
-            )
-            await self.w.producer.send_and_wait(
-                self.w.state_topic, snap.encode(), key=snap.key.encode()
+            snaps.append(
+                Snapshot(
+                    self.name,
+                    p.partition,
+                    p.offset,
+                    p.engine.snapshot(),
+                    p.clock_ms,
+                    dict(p.firing),
+                    dict(p.quiet),
+                    dict(p.seen),
+                )
             )
             p.dirty = 0
             p.last_checkpoint = now
-            metrics.CHECKPOINTS.labels(self.name).inc()
+        write = self._write_snapshots(snaps)
+        if force:
+            await write
+        else:
+            self._inflight = asyncio.create_task(write, name=f"rules-{self.name}-checkpoint")
+
+    async def _write_snapshots(self, snaps: Sequence[Snapshot]) -> None:
+        records = await asyncio.to_thread(lambda: [s.encode() for s in snaps])
+        sends = []
+        for snap, record in zip(snaps, records, strict=True):
+            sends.append(
+                await self.w.producer.send(self.w.state_topic, record, key=snap.key.encode())
+            )
+            metrics.SNAPSHOT_BYTES.labels(self.name, str(snap.partition)).set(len(record))
+        await asyncio.gather(*sends)
+        metrics.CHECKPOINTS.labels(self.name).inc(len(snaps))
         assert self.consumer is not None
         try:
             await self.consumer.commit(
-                {TopicPartition(self.topic, p.partition): p.offset for p in due}
+                {TopicPartition(self.topic, s.partition): s.offset for s in snaps}
             )
         except KafkaError as exc:
             # The snapshot already holds the offset; the commit only serves lag monitoring
@@ -564,10 +611,10 @@ class RuleWorker:
     def maintenance(self) -> Maintenance:
         return self.loaded.maintenance
 
-    def new_engine(self) -> Any:
+    def new_engine(self, owns: Callable[[str], bool] | None = None) -> Any:
         from rules import RuleEngine
 
-        return RuleEngine(self.loaded.ruleset, self.registry)
+        return RuleEngine(self.loaded.ruleset, self.registry, owns)
 
     # -- effects ------------------------------------------------------------------------------
     async def emit(self, part: _Part, effects: Sequence[Effect]) -> None:
