@@ -307,6 +307,7 @@ class _Stage(ConsumerRebalanceListener):  # type: ignore[misc]
         self.parts: dict[int, _Part] = {}
         self.lock = asyncio.Lock()
         self._inflight: asyncio.Task[None] | None = None
+        self._rekeys: list[asyncio.Future[Any]] = []
         self.consumer: AIOKafkaConsumer | None = None
         self.running = False
         self.partitions = worker.settings.partitions
@@ -401,7 +402,6 @@ class _Stage(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def _handle(self, part: _Part, records: Sequence[Any]) -> None:
         effects: list[Effect] = []
-        rekeys: list[Any] = []
         for rec in records:
             if rec.offset < part.offset:
                 continue  # fetched before a seek back to a snapshot: already applied
@@ -415,7 +415,7 @@ class _Stage(ConsumerRebalanceListener):  # type: ignore[misc]
                     for fld, value in part.engine.group_keys(batch):
                         key = f"{fld}={value}"
                         payload = rekey_value(key, part.partition, rec.offset, rec.value)
-                        rekeys.append(
+                        self._rekeys.append(
                             await self.w.producer.send(
                                 self.w.rekey_topic, payload, key=key.encode()
                             )
@@ -443,9 +443,16 @@ class _Stage(ConsumerRebalanceListener):  # type: ignore[misc]
                 part.event_ms, part.event_wall_ms = latest, wall_ms()
             part.clock_ms = max(part.clock_ms, part.event_ms or 0)
             effects.extend(out)
-        if rekeys:
-            await asyncio.gather(*rekeys)
         await self.w.emit(part, effects)
+        # Re-key sends are acknowledged in the background; a failed one stops the stage here
+        # or at the latest before the snapshot that would skip it (:meth:`_checkpoint`).
+        pending = []
+        for f in self._rekeys:
+            if f.done():
+                f.result()
+            else:
+                pending.append(f)
+        self._rekeys = pending
 
     async def tick(self, wall_now_ms: int, resend: bool) -> None:
         """Advance every engine to its partition's watermark, emit, re-send firing alerts.
@@ -523,6 +530,9 @@ class _Stage(ConsumerRebalanceListener):  # type: ignore[misc]
         ]
         if not due:
             return
+        # A snapshot must not skip a re-keyed batch that never reached the re-key topic.
+        rekeys, self._rekeys = self._rekeys, []
+        await asyncio.gather(*rekeys)
         snaps = []
         for p in due:
             snaps.append(
