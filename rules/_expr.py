@@ -804,6 +804,7 @@ class _Compiler:
         label = self.src(node)
         matches = _selector_matcher(selector, inner_metrics)
         combine = _GROUP_AGG[kind]
+        additive, average = kind in ("avg", "sum"), kind == "avg"
         cache: dict[int, _GroupMemo] = {}
 
         def group(c: Ctx) -> Value:
@@ -835,6 +836,7 @@ class _Compiler:
             saved = c.sensor, c.series, c.last_seen_ms, c.record, c.lo_ms, c.hi_ms
             c.record = None
             sel, vers, los, his, vals = memo.sel, memo.versions, memo.lo, memo.hi, memo.vals
+            nums = memo.nums
             try:
                 for k in todo:
                     m = sel[k]
@@ -842,7 +844,11 @@ class _Compiler:
                         continue
                     c.sensor, c.series, c.last_seen_ms = m.sensor, m.series, m.last_seen_ms
                     c.lo_ms, c.hi_ms = _NEVER_LO, _NEVER_HI
-                    vals[k] = fn(c)
+                    v = fn(c)
+                    if (v is None) != (vals[k] is None):
+                        memo.valid += -1 if v is None else 1
+                    vals[k] = v
+                    nums[k] = 0.0 if v is None else v
                     hi = c.hi_ms
                     vers[k], los[k], his[k] = m.version, c.lo_ms, hi
                     if hi != _NEVER_HI:
@@ -852,7 +858,12 @@ class _Compiler:
                 raise
             finally:
                 c.sensor, c.series, c.last_seen_ms, c.record, c.lo_ms, c.hi_ms = saved
-            out = combine([v for v in vals if v is not None])
+            if additive:
+                # 0.0 for a member without a value leaves a float sum exactly as it is, so
+                # this equals summing the values alone, without building that list each time.
+                out = (sum(nums) / memo.valid if average else sum(nums)) if memo.valid else None
+            else:
+                out = combine([v for v in vals if v is not None])
             if c.record is not None and out is not None:
                 c.record[label] = float(out)
             return out
@@ -875,7 +886,19 @@ class _Compiler:
 class _GroupMemo:
     """Per group function and member list: each matching member's last value and validity."""
 
-    __slots__ = ("dirty", "heap", "hi", "lo", "members", "now", "sel", "vals", "versions")
+    __slots__ = (
+        "dirty",
+        "heap",
+        "hi",
+        "lo",
+        "members",
+        "now",
+        "nums",
+        "sel",
+        "valid",
+        "vals",
+        "versions",
+    )
 
     def __init__(self, members: Sequence[SensorState], sel: list[SensorState]) -> None:
         self.members = members
@@ -885,6 +908,8 @@ class _GroupMemo:
         self.lo: list[float] = [_NEVER_LO] * n
         self.hi: list[float] = [_NEVER_HI] * n
         self.vals: list[Value] = [None] * n
+        self.nums: list[float] = [0.0] * n  # vals with 0.0 for None (avg, sum)
+        self.valid = 0  # members whose value is not None
         self.dirty: set[int] = set()  # members changed since the last evaluation
         self.heap: list[tuple[float, int]] = []  # (end of validity, member): may hold stale ends
         self.now: int | None = None  # time of the last evaluation (None: check every member)

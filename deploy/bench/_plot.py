@@ -33,6 +33,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     ax1.plot(t, rate("published"), label="published (PUBACKed) readings/s", lw=1)
     ax1.plot(t, rate("stored"), label="stored readings/s", lw=1.5)
+    if series and "evaluated" in series[0]:
+        ax1.plot(t, rate("evaluated"), label="evaluated by the rules, readings/s", lw=1)
     ax1.plot(
         t, [s["target_readings_per_s"] for s in series], label="offered target", lw=0.8, ls="--"
     )

@@ -101,6 +101,8 @@ class Sample:
     published: int
     accepted: float
     stored: float
+    evaluated: float
+    """Readings the rule workers' sensor stage evaluated (phase baseline aligned to stored)."""
 
 
 @dataclass(slots=True)
@@ -403,38 +405,44 @@ class Bench:
         start = time.monotonic()
         res0 = self._resources({"publishers": pubs.pids})
         stored0 = self._counter("writer", STORED)
+        evaluated0 = self._rules_evaluated()
         accepted0, acked0 = self._counter("collector", ACCEPTED), pubs.acked
         target = rate if rate is not None else 2000.0
         pubs.set_rate(target)
-        history: list[tuple[float, float, float]] = []  # (t, acked, stored)
+        # (t, acked, done, stored, evaluated): "done" = stored and evaluated by the rules, so
+        # the sustained rate is what every stage keeps up with, the rule workers included.
+        history: list[tuple[float, float, float, float, float]] = []
         while (elapsed := time.monotonic() - start) < seconds:
             time.sleep(0.5)
             self._check_children()
             acked, stored = pubs.acked, self._counter("writer", STORED)
+            evaluated = self._rules_evaluated() - evaluated0 + stored0
             accepted = self._counter("collector", ACCEPTED)
             now = time.monotonic()
-            history.append((now, acked, stored))
+            history.append((now, acked, min(stored, evaluated), stored, evaluated))
             if rate is None and len(history) >= 2:
                 # Ramp: raise the offered rate while the pipeline keeps up (backlog under
-                # ~0.5 s of traffic); once it falls behind, offer what it actually stores.
+                # ~0.5 s of traffic); once it falls behind, offer what it actually finishes.
                 # Rates over the last ~1.5 s: the writer stores in bursts, 0.5 s is noisy.
                 recent = [h for h in history if now - h[0] <= 1.6]
                 span = recent[-1][0] - recent[0][0]
                 acked_rate = (recent[-1][1] - recent[0][1]) / span
-                stored_rate = (recent[-1][2] - recent[0][2]) / span
-                backlog = acked - stored
+                done_rate = (recent[-1][2] - recent[0][2]) / span
+                backlog = acked - min(stored, evaluated)
                 if backlog < max(0.5 * target, 5000):
                     target *= 1.25
                 else:
-                    # Behind: offer a little less than it stores, so the backlog shrinks
+                    # Behind: offer a little less than it finishes, so the backlog shrinks
                     # instead of queueing in Mosquitto for the rest of the phase.
-                    target = max(RAMP_FLOOR / 2, 0.9 * stored_rate)
+                    target = max(RAMP_FLOOR / 2, 0.9 * done_rate)
                 # Never offer far more than the publishers get PUBACKed: an offered rate the
                 # load generator cannot reach only measures the publishers (the old ramp
                 # "offered" 1M/s), and the next step would jump from there.
                 target = min(target, max(RAMP_FLOOR, RAMP_CAP * acked_rate))
                 pubs.set_rate(target)
-            self.samples.append(Sample(now - self.began, name, target, acked, accepted, stored))
+            self.samples.append(
+                Sample(now - self.began, name, target, acked, accepted, stored, evaluated)
+            )
             window = [h for h in history if now - h[0] <= 3.0]
             shown = (
                 (window[-1][2] - window[0][2]) / (window[-1][0] - window[0][0])
@@ -451,11 +459,11 @@ class Bench:
         res1 = self._resources({"publishers": pubs.pids})
         # Steady state: the last 60 % of the phase (the first part ramps or warms up).
         steady = [h for h in history if h[0] >= start + 0.4 * seconds]
+        rates = [0.0] * 4  # offered, done, stored, evaluated
         if len(steady) >= 2:
-            sustained = (steady[-1][2] - steady[0][2]) / (steady[-1][0] - steady[0][0])
-            offered = (steady[-1][1] - steady[0][1]) / (steady[-1][0] - steady[0][0])
-        else:
-            sustained = offered = 0.0
+            span = steady[-1][0] - steady[0][0]
+            rates = [(steady[-1][i] - steady[0][i]) / span for i in (1, 2, 3, 4)]
+        offered, sustained, stored_rate, evaluated_rate = rates
         stored_total = self._counter("writer", STORED) - stored0
         accepted_delta = self._counter("collector", ACCEPTED) - accepted0
         return {
@@ -468,7 +476,9 @@ class Bench:
             "end_ms": _now_ms(),
             "seconds": round(end - start, 2),
             "offered_readings_per_s": round(offered, 1),
-            "stored_readings_per_s": round(sustained, 1),
+            "sustained_readings_per_s": round(sustained, 1),
+            "stored_readings_per_s": round(stored_rate, 1),
+            "rules_readings_per_s": round(evaluated_rate, 1),
             "stored_readings": int(stored_total),
             "cpu_s": {k: round(res1[k][0] - res0.get(k, (0.0, 0.0))[0], 2) for k in res1},
             "rss_mb": {k: round(res1[k][1], 1) for k in res1},
@@ -670,7 +680,7 @@ class Bench:
             ramp = self._phase(f"{mode} ramp", pubs, o.duration_s, progress, None)
             ramp["drain"] = self._drain(pubs)
             out["ramp"] = ramp
-            top = ramp["stored_readings_per_s"]
+            top = ramp["sustained_readings_per_s"]
             out["sustained_readings_per_s"] = top
             per_msg = sum(t.readings for ts in per_sensor for t in ts) / sum(map(len, per_sensor))
             out["sustained_messages_per_s"] = round(top / per_msg, 1)
