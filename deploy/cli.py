@@ -167,6 +167,10 @@ def bench(
     quick: Annotated[bool, typer.Option(help="small sizes, a few seconds each (smoke test)")] = (
         False
     ),
+    soak: Annotated[
+        float,
+        typer.Option(help="seconds at 50 % after the first mode, sampling RSS (memory); 0 = off"),
+    ] = 0.0,
 ) -> None:
     """End-to-end benchmark on the embedded stack: throughput, latency, CPU, raw ceilings."""
     from deploy.bench._cmd import run_bench_cmd
@@ -183,5 +187,6 @@ def bench(
             publishers=publishers,
             out=out,
             quick=quick,
+            soak_s=soak,
         )
     )

@@ -64,6 +64,7 @@ def run_bench_cmd(
     publishers: int,
     out: Path,
     quick: bool,
+    soak_s: float = 0.0,
 ) -> int:
     """Run ``citypulse bench``; return the exit code."""
     try:
@@ -82,6 +83,7 @@ def run_bench_cmd(
         writers=writers,
         rule_workers=rule_workers,
         publishers=publishers if not quick else min(publishers, opts.publishers),
+        soak_s=soak_s,
     )
     try:
         results = run_bench(opts)

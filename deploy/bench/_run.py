@@ -72,6 +72,9 @@ class BenchOptions:
     copy_ceiling_rows: int = 200_000
     out: Path = Path("bench-results")
     quick: bool = False
+    soak_s: float = 0.0
+    """After the first mode's latency phases, hold 50 % of its sustained maximum this long,
+    sampling every service's RSS every 10 s (memory flat or not); 0 = no soak phase."""
 
     @classmethod
     def quick_options(cls, out: Path, modes: tuple[Mode, ...]) -> BenchOptions:
@@ -399,11 +402,14 @@ class Bench:
         seconds: float,
         progress: Progress,
         rate: float | None,
+        rss_every_s: float = 0.0,
     ) -> dict[str, Any]:
-        """Drive one phase: fixed ``rate`` (readings/s), or ramp to the sustained maximum."""
+        """Drive one phase: fixed ``rate`` (readings/s), or ramp to the sustained maximum;
+        with ``rss_every_s``, also sample every service's RSS (MB) that often."""
         task = progress.add_task(name, total=seconds)
         start = time.monotonic()
         res0 = self._resources({"publishers": pubs.pids})
+        rss: list[dict[str, float]] = [{"t_s": 0.0, **{k: round(v[1], 1) for k, v in res0.items()}}]
         stored0 = self._counter("writer", STORED)
         evaluated0 = self._rules_evaluated()
         accepted0, acked0 = self._counter("collector", ACCEPTED), pubs.acked
@@ -415,6 +421,11 @@ class Bench:
         while (elapsed := time.monotonic() - start) < seconds:
             time.sleep(0.5)
             self._check_children()
+            if rss_every_s and elapsed - rss[-1]["t_s"] >= rss_every_s:
+                now_rss = self._resources({"publishers": pubs.pids})
+                rss.append(
+                    {"t_s": round(elapsed, 1), **{k: round(v[1], 1) for k, v in now_rss.items()}}
+                )
             acked, stored = pubs.acked, self._counter("writer", STORED)
             evaluated = self._rules_evaluated() - evaluated0 + stored0
             accepted = self._counter("collector", ACCEPTED)
@@ -482,6 +493,7 @@ class Bench:
             "stored_readings": int(stored_total),
             "cpu_s": {k: round(res1[k][0] - res0.get(k, (0.0, 0.0))[0], 2) for k in res1},
             "rss_mb": {k: round(res1[k][1], 1) for k in res1},
+            **({"rss_series_mb": rss} if rss_every_s else {}),
         }
 
     def _drain(self, pubs: Publishers, timeout_s: float = 180.0) -> dict[str, Any]:
@@ -689,10 +701,19 @@ class Bench:
                 for k, v in ramp["cpu_s"].items()
             }
             out["latency"] = {}
-            for share in (0.5, 0.9):
+            fixed = [(0.5, max(4.0, o.duration_s / 2), "latency"), (0.9, None, "latency")]
+            if o.soak_s > 0 and mode == o.modes[0]:
+                fixed.append((0.5, o.soak_s, "soak"))
+            for share, seconds, kind in fixed:
                 label = f"{round(share * 100)}%"
+                name = f"{mode} at {label}" if kind == "latency" else f"{mode} soak at {label}"
                 ph = self._phase(
-                    f"{mode} at {label}", pubs, max(4.0, o.duration_s / 2), progress, share * top
+                    name,
+                    pubs,
+                    seconds or max(4.0, o.duration_s / 2),
+                    progress,
+                    share * top,
+                    rss_every_s=10.0 if kind == "soak" else 0.0,
                 )
                 ph["drain"] = self._drain(pubs)
                 lo, hi = ph["steady_from_ms"] - 1, ph["end_ms"]
@@ -700,7 +721,10 @@ class Bench:
                 alert = [lat for at, lat in observers.data.alert_latency if lo <= at <= hi]
                 ph["stored_latency_ms"] = _pct(stored)
                 ph["alert_latency_ms"] = _pct(alert)
-                out["latency"][label] = ph
+                if kind == "soak":
+                    out["soak"] = ph
+                else:
+                    out["latency"][label] = ph
         finally:
             probe.stop()
             pubs.stop()

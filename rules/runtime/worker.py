@@ -504,10 +504,11 @@ class _Stage(ConsumerRebalanceListener):  # type: ignore[misc]
     async def _checkpoint(self, parts: Sequence[_Part], force: bool) -> None:
         """Snapshot then commit: effects of these records are already delivered.
 
-        The state is captured here, on the loop (it must match the offsets); compressing,
-        writing and committing it run in the background while consumption goes on, one write
-        at a time per stage (a due partition waits for the next call). ``force`` (revocation,
-        shutdown) waits for the write in flight, then writes and waits for its own.
+        The state is captured here, on the loop (it must match the offsets), one partition per
+        call; compressing, writing and committing it run in the background while consumption
+        goes on, one write at a time per stage (other due partitions wait for the next calls).
+        ``force`` (revocation, shutdown) waits for the write in flight, then writes every
+        partition given and waits.
         """
         if self._inflight is not None and self._inflight.done():
             task, self._inflight = self._inflight, None
@@ -530,6 +531,10 @@ class _Stage(ConsumerRebalanceListener):  # type: ignore[misc]
         ]
         if not due:
             return
+        if not force:
+            # One partition per call: capturing a snapshot holds the loop (~10 ms per MB of
+            # state), and partitions that all fell due at once would add up to a stall.
+            due = [min(due, key=lambda p: p.last_checkpoint)]
         # A snapshot must not skip a re-keyed batch that never reached the re-key topic.
         rekeys, self._rekeys = self._rekeys, []
         await asyncio.gather(*rekeys)

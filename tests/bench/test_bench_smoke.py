@@ -42,7 +42,8 @@ def test_templates_carry_ten_readings_per_batch() -> None:
 
 @pytest.mark.integration
 def test_bench_quick_writes_results(tmp_path: Path) -> None:
-    """`citypulse bench --quick --mode batch` writes JSON with non-zero rates and a plot."""
+    """`citypulse bench --quick --mode batch --soak 12` writes JSON with non-zero rates, the
+    rule workers' evaluated rate, a memory series of the soak phase, and a plot."""
     out = subprocess.run(
         [
             sys.executable,
@@ -54,6 +55,8 @@ def test_bench_quick_writes_results(tmp_path: Path) -> None:
             "batch",
             "--out",
             str(tmp_path),
+            "--soak",
+            "12",
         ],
         capture_output=True,
         text=True,
@@ -66,6 +69,14 @@ def test_bench_quick_writes_results(tmp_path: Path) -> None:
         assert key in results
     batch = results["modes"]["batch"]
     assert batch["sustained_readings_per_s"] > 0
+    # Sustained means every stage kept up: the rule workers' rate is measured too, and each
+    # phase drains them before the next one starts.
+    ramp = batch["ramp"]
+    assert ramp["rules_readings_per_s"] > 0
+    assert ramp["drain"]["rules_backlog"] == 0
+    soak = batch["soak"]
+    assert len(soak["rss_series_mb"]) >= 2
+    assert soak["rss_series_mb"][-1]["rules"] > 0
     assert set(batch["latency"]) == {"50%", "90%"}
     assert batch["latency"]["50%"]["stored_latency_ms"]["n"] > 0
     assert batch["latency"]["50%"]["alert_latency_ms"]["n"] > 0
