@@ -34,7 +34,7 @@ from deploy.bench._ceilings import copy_ceiling, kafka_ceiling, mqtt_ceiling
 from deploy.bench._load import Mode, Probe, Publishers, Template, shard, templates_for
 from deploy.bench._rules import MARKER_METRIC, MARKER_RULE, generate_rules, probe_sensors
 from deploy.bench._rules import write_rules as write_rule_files
-from deploy.embedded import EmbeddedStack, free_port
+from deploy.embedded import EmbeddedStack, Tansu, free_port
 from deploy.simulator import DISTRICTS, generate_registry
 from deploy.up import ACCEPTED, STORED, Child, citypulse_argv, scrape
 from stream import make_consumer
@@ -594,11 +594,18 @@ class Bench:
             finally:
                 observers.stop()
             rss_end = {k: v[1] for k, v in self._resources({}).items()}
+            snapshot_bytes = sum(
+                scrape(c.metrics_port, "citypulse_rules_snapshot_bytes") or 0.0
+                for c in self.children
+                if c.name.startswith("rules")
+            )
         results["modes"] = modes
         results["rss_mb"] = {
             k: {"start": round(rss_start.get(k, 0.0), 1), "end": round(v, 1)}
             for k, v in rss_end.items()
         }
+        # Latest snapshot record of every rule partition, summed: the state a restart restores.
+        results["rules_snapshot_mb"] = round(snapshot_bytes / 1e6, 2)
         results["alerts_seen"] = observers.data.alerts
         results["observer_errors"] = observers.data.errors
         results["ratios"] = _ratios(results)
@@ -632,7 +639,20 @@ class Bench:
                     batch = validator.validate(t.topic, t.render(now), now)
                     assert isinstance(batch, ReadingBatch)
                     records.append((batch.sensor.encode(), batch.encode()))
-            kafka = asyncio.run(kafka_ceiling(self.settings, records, o.kafka_ceiling_records))
+            # A scratch broker: tansu keeps every record in memory and its fetches get slower
+            # with all it holds, so the ceiling's 100k records would tax the pipeline's run.
+            broker = Tansu(self.state / f"ceiling-{mode}")
+            broker.start()
+            try:
+                kafka = asyncio.run(
+                    kafka_ceiling(
+                        self.settings.model_copy(update={"kafka_bootstrap": broker.bootstrap}),
+                        records,
+                        o.kafka_ceiling_records,
+                    )
+                )
+            finally:
+                broker.stop()
             kafka["readings_per_s"] = round(kafka["produce_records_per_s"] * per_msg, 1)
             kafka["consume_readings_per_s"] = round(kafka["consume_records_per_s"] * per_msg, 1)
             out[str(mode)] = {"mqtt": mqtt, "kafka": kafka}

@@ -35,7 +35,7 @@ def add_commands(app: typer.Typer) -> None:
         tick_s: Annotated[
             float, typer.Option(help="advance engines to the wall clock this often; 0 = never")
         ] = 1.0,
-        checkpoint_s: Annotated[float, typer.Option(help="snapshot state this often")] = 5.0,
+        checkpoint_s: Annotated[float, typer.Option(help="snapshot state this often")] = 30.0,
         checkpoint_records: Annotated[
             int, typer.Option(help="... or after this many input records")
         ] = 20_000,

@@ -82,7 +82,7 @@ class WorkerOptions:
     """
 
     checkpoint_records: int = 20_000
-    checkpoint_s: float = 5.0
+    checkpoint_s: float = 30.0
     tick_s: float = 1.0
     resend_s: float = 60.0
     reload_poll_s: float = 1.0
