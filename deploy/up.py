@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -136,9 +137,11 @@ def citypulse_argv() -> list[str]:
     return [found] if found else [sys.executable, "-c", "from citypulse.cli import main; main()"]
 
 
-def scrape(port: int, name: str, timeout_s: float = 1.0, **labels: str) -> float | None:
+def scrape(
+    port: int, name: str, labels: Mapping[str, str] | None = None, timeout_s: float = 1.0
+) -> float | None:
     """Sum of the samples of counter ``name`` at ``http://127.0.0.1:port/metrics`` (those with
-    ``labels``, if given)."""
+    all of ``labels``, if given); ``None`` when the endpoint does not answer."""
     url = f"http://127.0.0.1:{port}/metrics"
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as resp:
@@ -148,7 +151,9 @@ def scrape(port: int, name: str, timeout_s: float = 1.0, **labels: str) -> float
     total: float | None = None
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+            if sample.name == name and all(
+                sample.labels.get(k) == v for k, v in (labels or {}).items()
+            ):
                 total = (total or 0.0) + float(sample.value)
     return total
 

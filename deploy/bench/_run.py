@@ -277,6 +277,7 @@ class Bench:
         self.state = Path(tempfile.mkdtemp(prefix="citypulse-bench-"))
         self.stack = EmbeddedStack(self.state)
         self.children: list[Child] = []
+        self._last: dict[tuple[str, str, tuple[tuple[str, str], ...]], float] = {}
         self.samples: list[Sample] = []
         self.phases: list[dict[str, Any]] = []
         self.began = time.monotonic()
@@ -370,12 +371,20 @@ class Bench:
                 raise BenchError(f"{c.name} exited with {c.proc.returncode}:\n{tail}")
 
     # -- measuring ----------------------------------------------------------------------------
-    def _counter(self, prefix: str, metric: str) -> float:
-        return sum(
-            scrape(c.metrics_port, metric) or 0.0
-            for c in self.children
-            if c.name.startswith(prefix)
-        )
+    def _counter(self, prefix: str, metric: str, **labels: str) -> float:
+        """Sum of a counter over the children named ``prefix*``. A scrape that fails (a busy
+        service answers /metrics late) counts as that child's last value, never as 0."""
+        total = 0.0
+        for c in self.children:
+            if not c.name.startswith(prefix):
+                continue
+            key = (c.name, metric, tuple(sorted(labels.items())))
+            value = scrape(c.metrics_port, metric, labels)
+            if value is None:
+                value = self._last.get(key, 0.0)
+            self._last[key] = value
+            total += value
+        return total
 
     def _service_pids(self) -> dict[str, list[int]]:
         out: dict[str, list[int]] = {}
@@ -540,11 +549,7 @@ class Bench:
 
     def _rules_evaluated(self) -> float:
         """Readings the rule workers' sensor stage has evaluated (all workers)."""
-        return sum(
-            scrape(c.metrics_port, RULES_READINGS, stage="sensor") or 0.0
-            for c in self.children
-            if c.name.startswith("rules")
-        )
+        return self._counter("rules", RULES_READINGS, stage="sensor")
 
     # -- the run ------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
