@@ -222,6 +222,8 @@ def run_up(settings: Settings, opts: UpOptions) -> int:
                     console.print(f"install it with: [bold]{MOSQUITTO_HINT}[/]")
                 return 1
             env.update(stack.env())
+            for key, value in stack.tuning_env().items():
+                env.setdefault(key, value)  # the user's own setting wins
             mqtt_url = stack.mosquitto.url
         else:
             mqtt_url = settings.mqtt_url

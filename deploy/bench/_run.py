@@ -313,6 +313,7 @@ class Bench:
         write_rule_files(rules_dir, files)
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("CITYPULSE_")}
         self.env.update(self.stack.env())
+        self.env.update(self.stack.tuning_env())
         self.env.update(
             {
                 "CITYPULSE_REGISTRY": str(reg_path),
@@ -329,6 +330,8 @@ class Bench:
             topic_prefix=prefix,
             registry=reg_path,
             rules=rules_dir,
+            kafka_linger_ms=int(self.env["CITYPULSE_KAFKA_LINGER_MS"]),
+            partitions=int(self.env["CITYPULSE_PARTITIONS"]),
         )
         check = self._cli("rules", "check", str(rules_dir))
         self._cli("db", "migrate")
