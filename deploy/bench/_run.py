@@ -550,6 +550,25 @@ class Bench:
             "drained": done(),
         }
 
+    def _gc_pauses(self) -> dict[str, dict[str, float]]:
+        """Full (generation 2) garbage collections of each service: count, seconds in them,
+        and how many took over 100 ms (each one stalls the whole process)."""
+        out: dict[str, dict[str, float]] = {}
+        for c in self.children:
+            gen2 = {"generation": "2"}
+            count = scrape(c.metrics_port, "citypulse_gc_pause_seconds_count", gen2) or 0.0
+            fast = scrape(
+                c.metrics_port, "citypulse_gc_pause_seconds_bucket", {**gen2, "le": "0.1"}
+            )
+            out[c.name] = {
+                "count": count,
+                "seconds": round(
+                    scrape(c.metrics_port, "citypulse_gc_pause_seconds_sum", gen2) or 0.0, 3
+                ),
+                "over_100ms": count - (fast or 0.0),
+            }
+        return out
+
     def _rules_evaluated(self) -> float:
         """Readings the rule workers' sensor stage has evaluated (all workers)."""
         return self._counter("rules", RULES_READINGS, stage="sensor")
@@ -602,6 +621,7 @@ class Bench:
             finally:
                 observers.stop()
             rss_end = {k: v[1] for k, v in self._resources({}).items()}
+            gc_pauses = self._gc_pauses()
             snapshot_bytes = sum(
                 scrape(c.metrics_port, "citypulse_rules_snapshot_bytes") or 0.0
                 for c in self.children
@@ -614,6 +634,7 @@ class Bench:
         }
         # Latest snapshot record of every rule partition, summed: the state a restart restores.
         results["rules_snapshot_mb"] = round(snapshot_bytes / 1e6, 2)
+        results["gc_full_pauses"] = gc_pauses
         results["alerts_seen"] = observers.data.alerts
         results["observer_errors"] = observers.data.errors
         results["ratios"] = _ratios(results)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import time
@@ -34,7 +35,7 @@ from pydantic import ValidationError
 
 from citypulse.events import AlertEvent, AlertState, CommandEvent, ReadingBatch
 from citypulse.registry import Registry, load_registry
-from citypulse.service import HEALTH
+from citypulse.service import HEALTH, settle_heap
 from citypulse.settings import Settings
 from citypulse.yamlsrc import YamlSourceError
 from rules.runtime import metrics
@@ -323,6 +324,7 @@ class _Stage(ConsumerRebalanceListener):  # type: ignore[misc]
             await self._checkpoint(mine, force=True)
             for tp in revoked:
                 self.parts.pop(tp.partition, None)
+            gc.unfreeze()  # the dropped engines are cyclic: let the collector have them
         log.info("partitions revoked", extra={"stage": self.name, "partitions": len(revoked)})
 
     async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
@@ -351,6 +353,7 @@ class _Stage(ConsumerRebalanceListener):  # type: ignore[misc]
                     part.seen = snap.seen
                     self.consumer.seek(tp, snap.offset)
                 self.parts[tp.partition] = part
+            settle_heap()  # engines live until revocation: keep full collections off them
             log.info(
                 "partitions assigned",
                 extra={
