@@ -42,10 +42,10 @@ from stream import make_consumer
 console = Console(stderr=True)
 SILOS = 6
 RAMP_CAP = 1.5
-RULES_READINGS = "citypulse_rules_readings_total"
 """The ramp never offers more than this times the rate the publishers got PUBACKed."""
 RAMP_FLOOR = 2000.0
 """... nor caps the offer below this (readings/s): the start of the ramp."""
+RULES_READINGS = "citypulse_rules_readings_total"
 
 
 class BenchError(RuntimeError):
@@ -421,7 +421,7 @@ class Bench:
         task = progress.add_task(name, total=seconds)
         start = time.monotonic()
         res0 = self._resources({"publishers": pubs.pids})
-        rss: list[dict[str, float]] = [{"t_s": 0.0, **{k: round(v[1], 1) for k, v in res0.items()}}]
+        rss: list[dict[str, float]] = [{"t_s": 0.0, **_rss_mb(res0)}]
         stored0 = self._counter("writer", STORED)
         evaluated0 = self._rules_evaluated()
         accepted0, acked0 = self._counter("collector", ACCEPTED), pubs.acked
@@ -435,9 +435,7 @@ class Bench:
             self._check_children()
             if rss_every_s and elapsed - rss[-1]["t_s"] >= rss_every_s:
                 now_rss = self._resources({"publishers": pubs.pids})
-                rss.append(
-                    {"t_s": round(elapsed, 1), **{k: round(v[1], 1) for k, v in now_rss.items()}}
-                )
+                rss.append({"t_s": round(elapsed, 1), **_rss_mb(now_rss)})
             acked, stored = pubs.acked, self._counter("writer", STORED)
             evaluated = self._rules_evaluated() - evaluated0 + stored0
             accepted = self._counter("collector", ACCEPTED)
@@ -504,7 +502,7 @@ class Bench:
             "rules_readings_per_s": round(evaluated_rate, 1),
             "stored_readings": int(stored_total),
             "cpu_s": {k: round(res1[k][0] - res0.get(k, (0.0, 0.0))[0], 2) for k in res1},
-            "rss_mb": {k: round(res1[k][1], 1) for k in res1},
+            "rss_mb": _rss_mb(res1),
             **({"rss_series_mb": rss} if rss_every_s else {}),
         }
 
@@ -622,11 +620,7 @@ class Bench:
                 observers.stop()
             rss_end = {k: v[1] for k, v in self._resources({}).items()}
             gc_pauses = self._gc_pauses()
-            snapshot_bytes = sum(
-                scrape(c.metrics_port, "citypulse_rules_snapshot_bytes") or 0.0
-                for c in self.children
-                if c.name.startswith("rules")
-            )
+            snapshot_bytes = self._counter("rules", "citypulse_rules_snapshot_bytes")
         results["modes"] = modes
         results["rss_mb"] = {
             k: {"start": round(rss_start.get(k, 0.0), 1), "end": round(v, 1)}
@@ -750,7 +744,8 @@ class Bench:
                 for k, v in ramp["cpu_s"].items()
             }
             out["latency"] = {}
-            fixed = [(0.5, max(4.0, o.duration_s / 2), "latency"), (0.9, None, "latency")]
+            latency_s = max(4.0, o.duration_s / 2)
+            fixed = [(0.5, latency_s, "latency"), (0.9, latency_s, "latency")]
             if o.soak_s > 0 and mode == o.modes[0]:
                 fixed.append((0.5, o.soak_s, "soak"))
             for share, seconds, kind in fixed:
@@ -759,7 +754,7 @@ class Bench:
                 ph = self._phase(
                     name,
                     pubs,
-                    seconds or max(4.0, o.duration_s / 2),
+                    seconds,
                     progress,
                     share * top,
                     rss_every_s=10.0 if kind == "soak" else 0.0,
@@ -783,6 +778,11 @@ class Bench:
             child.stop()
         self.stack.stop()
         shutil.rmtree(self.state, ignore_errors=True)
+
+
+def _rss_mb(resources: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """RSS (MB) of each service from :meth:`Bench._resources` (cpu_s, rss_mb) pairs."""
+    return {k: round(v[1], 1) for k, v in resources.items()}
 
 
 def _ratios(results: dict[str, Any]) -> dict[str, Any]:
