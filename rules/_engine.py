@@ -359,7 +359,7 @@ class RuleEngine:
         sensors = {
             sid: {
                 "last_seen_ms": st.last_seen_ms,
-                "series": {m: [s.ts, s.vals] for m, s in st.series.items() if s.ts},
+                "series": {m: s.state() for m, s in st.series.items() if s.ts},
             }
             for sid, st in self._states.items()
             if st.last_seen_ms is not None or st.series
@@ -406,9 +406,10 @@ class RuleEngine:
                 if st is None:
                     continue
                 st.last_seen_ms = d["last_seen_ms"]
-                for metric, (ts, vals) in d["series"].items():
+                for metric, (ts, vals, *sums) in d["series"].items():
                     series = Series()
-                    series.ts, series.vals = [int(t) for t in ts], [float(v) for v in vals]
+                    base, dropped = (float(sums[0]), int(sums[1])) if sums else (0.0, 0)
+                    series.restore([int(t) for t in ts], [float(v) for v in vals], base, dropped)
                     st.series[metric] = series
             alerts: dict[tuple[str, str], _Alert] = {}
             for d in doc["alerts"]:
