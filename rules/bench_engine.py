@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import random
 import tempfile
 import time
@@ -77,6 +78,11 @@ def _timed(label: str, fn: Callable[[], object], readings: int | None = None) ->
     return dt
 
 
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:  # resident pages; Linux only, as the benchmark
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--per", type=int, default=209, help="sensors per silo and district")
@@ -118,11 +124,13 @@ def main(argv: list[str] | None = None) -> None:
                     digest.update(e.model_dump_json().encode())
 
     readings = {k: sum(len(b.readings) for b in v) for k, v in phases.items()}
+    rss0 = _rss_mb()
     _timed(
         f"warm-up ({a.warmup_min:g} min, all)",
         lambda: feed(warmup, "all"),
         sum(len(b.readings) for b in warmup),
     )
+    print(f"{'  state after warm-up (RSS growth)':<34} {_rss_mb() - rss0:>9.1f} MB")
     if a.profile:
         import cProfile
         import pstats

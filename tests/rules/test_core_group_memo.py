@@ -101,5 +101,5 @@ def test_engines_of_one_rule_set_share_the_index_but_not_the_state() -> None:
         readings=[Reading(ts_ms=T0, metric="pressure", value=1.0, unit="bar")],
     )
     a.process(batch)
-    assert a._states[sensor.id].series["pressure"].ts == [T0]
+    assert list(a._states[sensor.id].series["pressure"].ts) == [T0]
     assert "pressure" not in b._states[sensor.id].series
