@@ -2,7 +2,7 @@
 
 Stage ``sensor`` consumes ``{prefix}.readings`` (keyed by sensor) in group ``{prefix}-rules``,
 evaluates per-sensor rules and re-publishes each batch on ``{prefix}.rules-rekey`` once per
-group key (``"district=north"``) the batch feeds. Stage ``group`` consumes the re-key topic in
+group key (``"district=north"``) the batch feeds, one record per poll and key. Stage ``group`` consumes the re-key topic in
 group ``{prefix}-rules-groups`` and evaluates the group rules, whose state therefore lives with
 the group key's partition. Each input partition has its own engine instance; its state is
 checkpointed to ``{prefix}.rules-state`` (see :mod:`rules.runtime.changelog` and README.md).
@@ -139,16 +139,46 @@ def watermark_ms(
     return now if previous_ms is None else max(previous_ms, now)
 
 
-def rekey_record(key: str, partition: int, offset: int, batch: ReadingBatch) -> bytes:
-    """Value of a re-key record: the batch plus its group key and where it came from."""
-    return rekey_value(key, partition, offset, batch.encode())
+REKEY_MAX_BYTES = 256 * 1024
+"""Batches of one poll for one group key share a re-key record up to this size (the default
+Kafka message limit is 1 MiB)."""
 
 
-def rekey_value(key: str, partition: int, offset: int, raw_batch: bytes) -> bytes:
-    """:func:`rekey_record` from the batch's JSON bytes as consumed (valid JSON: it was
-    decoded), embedded as they are: no re-serialisation per group key."""
-    head = orjson.dumps({"v": 1, "key": key, "origin": [partition, offset]})
-    return b"".join((head[:-1], b',"batch":', raw_batch, b"}"))
+def rekey_value(key: str, partition: int, items: Sequence[tuple[int, bytes]]) -> bytes:
+    """Value of a re-key record: the batches for group ``key`` from input ``partition``, each
+    with its input offset and its JSON bytes as consumed, embedded as they are (valid JSON:
+    they were decoded): no re-serialisation, and one record per poll and key, not per batch.
+    """
+    head = orjson.dumps({"v": 2, "key": key, "origin": partition})
+    body = b",".join(b"[%d,%b]" % (offset, raw) for offset, raw in items)
+    return b"".join((head[:-1], b',"batches":[', body, b"]}"))
+
+
+def read_rekey(value: bytes) -> tuple[str, int, list[tuple[int, Any]]]:
+    """``(key, origin partition, [(origin offset, decoded batch object), ...])`` of a re-key
+    record: this version's, or one batch per record as written before it (``"v": 1``).
+
+    Raises:
+        orjson.JSONDecodeError, KeyError, TypeError, ValueError: not a re-key record.
+    """
+    env = orjson.loads(value)
+    if env.get("v") == 1:
+        partition, offset = env["origin"]
+        return str(env["key"]), int(partition), [(int(offset), env["batch"])]
+    return str(env["key"]), int(env["origin"]), [(int(o), b) for o, b in env["batches"]]
+
+
+def _chunks(items: list[tuple[int, bytes]], limit: int) -> list[list[tuple[int, bytes]]]:
+    """``items`` split in order into runs of at most ``limit`` bytes (one item at least)."""
+    out: list[list[tuple[int, bytes]]] = [[]]
+    size = 0
+    for item in items:
+        if out[-1] and size + len(item[1]) > limit:
+            out.append([])
+            size = 0
+        out[-1].append(item)
+        size += len(item[1])
+    return out
 
 
 class FastReading(NamedTuple):
@@ -405,6 +435,7 @@ class _Stage(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def _handle(self, part: _Part, records: Sequence[Any]) -> None:
         effects: list[Effect] = []
+        rekeys: dict[str, list[tuple[int, bytes]]] = {}
         for rec in records:
             if rec.offset < part.offset:
                 continue  # fetched before a seek back to a snapshot: already applied
@@ -414,24 +445,19 @@ class _Stage(ConsumerRebalanceListener):  # type: ignore[misc]
             try:
                 if self.name == "sensor":
                     batch = decode_batch(orjson.loads(rec.value))
-                    out = list(part.engine.process(batch, scope="sensor"))
+                    self._applied(part, batch, part.engine.process(batch, "sensor"), effects)
                     for fld, value in part.engine.group_keys(batch):
-                        key = f"{fld}={value}"
-                        payload = rekey_value(key, part.partition, rec.offset, rec.value)
-                        self._rekeys.append(
-                            await self.w.producer.send(
-                                self.w.rekey_topic, payload, key=key.encode()
-                            )
-                        )
+                        rekeys.setdefault(f"{fld}={value}", []).append((rec.offset, rec.value))
                 else:
-                    env = orjson.loads(rec.value)
-                    key, (o_part, o_off) = env["key"], env["origin"]
-                    seen_key = f"{o_part}|{key}"
-                    if part.seen.get(seen_key, -1) >= o_off:
-                        continue  # a replayed re-key record: this batch is already applied
-                    part.seen[seen_key] = o_off
-                    batch = decode_batch(env["batch"])
-                    out = _process_group(part.engine, batch, key, self.w.registry)
+                    key, origin, items = read_rekey(rec.value)
+                    seen_key = f"{origin}|{key}"
+                    for offset, obj in items:
+                        if part.seen.get(seen_key, -1) >= offset:
+                            continue  # replayed by the sensor stage: already applied
+                        part.seen[seen_key] = offset
+                        batch = decode_batch(obj)
+                        out = _process_group(part.engine, batch, key, self.w.registry)
+                        self._applied(part, batch, out, effects)
             except (ValidationError, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
                 log.warning(
                     "undecodable record skipped",
@@ -440,15 +466,16 @@ class _Stage(ConsumerRebalanceListener):  # type: ignore[misc]
                 continue
             self._evaluations.inc()
             self._evaluation_s.observe(time.perf_counter() - started)
-            self._readings.inc(len(batch.readings))
-            latest = max(r.ts_ms for r in batch.readings) if batch.readings else None
-            if latest is not None and (part.event_ms is None or latest > part.event_ms):
-                part.event_ms, part.event_wall_ms = latest, wall_ms()
-            part.clock_ms = max(part.clock_ms, part.event_ms or 0)
-            effects.extend(out)
         await self.w.emit(part, effects)
-        # Re-key sends are acknowledged in the background; a failed one stops the stage here
-        # or at the latest before the snapshot that would skip it (:meth:`_checkpoint`).
+        # One re-key record per group key and poll (in offset order, so per key the group
+        # stage sees them in input order), acknowledged in the background; a failed one stops
+        # the stage here or at the latest before the snapshot that would skip it.
+        for key, items in rekeys.items():
+            for chunk in _chunks(items, REKEY_MAX_BYTES):
+                payload = rekey_value(key, part.partition, chunk)
+                self._rekeys.append(
+                    await self.w.producer.send(self.w.rekey_topic, payload, key=key.encode())
+                )
         pending = []
         for f in self._rekeys:
             if f.done():
@@ -456,6 +483,15 @@ class _Stage(ConsumerRebalanceListener):  # type: ignore[misc]
             else:
                 pending.append(f)
         self._rekeys = pending
+
+    def _applied(self, part: _Part, batch: FastBatch, out: list[Effect], to: list[Effect]) -> None:
+        """Account for one evaluated batch: readings counted, event-time clock, effects."""
+        self._readings.inc(len(batch.readings))
+        latest = max(r.ts_ms for r in batch.readings) if batch.readings else None
+        if latest is not None and (part.event_ms is None or latest > part.event_ms):
+            part.event_ms, part.event_wall_ms = latest, wall_ms()
+        part.clock_ms = max(part.clock_ms, part.event_ms or 0)
+        to.extend(out)
 
     async def tick(self, wall_now_ms: int, resend: bool) -> None:
         """Advance every engine to its partition's watermark, emit, re-send firing alerts.

@@ -10,7 +10,14 @@ import pytest
 from pydantic import ValidationError
 
 from citypulse.events import Reading, ReadingBatch
-from rules.runtime.worker import FastBatch, FastReading, decode_batch, rekey_record, rekey_value
+from rules.runtime.worker import (
+    FastBatch,
+    FastReading,
+    _chunks,
+    decode_batch,
+    read_rekey,
+    rekey_value,
+)
 
 
 def _batch() -> ReadingBatch:
@@ -83,14 +90,30 @@ def test_odd_records_are_judged_by_pydantic(obj: Any) -> None:
         assert decode_batch(obj) == want
 
 
-def test_rekey_value_embeds_the_consumed_bytes() -> None:
-    """A re-key record built from the consumed bytes holds the same envelope and batch as one
-    built by re-serialising the batch."""
+def test_rekey_record_carries_a_polls_batches_for_one_key() -> None:
+    """One re-key record holds the batches of one poll for one group key, each with its input
+    offset, embedded as consumed; the group stage reads them back in order."""
+    a, b = _batch(), _batch().model_copy(update={"sensor": "wtr-north-002"})
+    value = rekey_value("district=north", 3, [(41, a.encode()), (44, b.encode())])
+    key, origin, items = read_rekey(value)
+    assert (key, origin) == ("district=north", 3)
+    assert [o for o, _ in items] == [41, 44]
+    assert [ReadingBatch.model_validate(obj) for _, obj in items] == [a, b]
+
+
+def test_rekey_records_of_the_previous_version_are_still_read() -> None:
+    """Records written before batching (one batch each, ``"v": 1``) left on the topic by an
+    older worker are applied after an upgrade."""
     b = _batch()
-    raw = b.encode()
-    fast = orjson.loads(rekey_value("district=north", 3, 41, raw))
-    slow = orjson.loads(rekey_record("district=north", 3, 41, b))
-    assert fast == slow
-    assert fast["key"] == "district=north"
-    assert fast["origin"] == [3, 41]
-    assert ReadingBatch.model_validate(fast["batch"]) == b
+    v1 = b'{"v":1,"key":"district=north","origin":[3,41],"batch":' + b.encode() + b"}"
+    key, origin, items = read_rekey(v1)
+    assert (key, origin, [o for o, _ in items]) == ("district=north", 3, [41])
+    assert ReadingBatch.model_validate(items[0][1]) == b
+
+
+def test_rekey_batches_are_split_by_size_in_order() -> None:
+    """A poll's batches for one key are split into records under the size limit, in offset
+    order; a single batch over the limit still goes, alone."""
+    items = [(i, b"x" * n) for i, n in enumerate([100, 100, 300, 50, 50, 50])]
+    chunks = _chunks(items, 250)
+    assert [[o for o, _ in c] for c in chunks] == [[0, 1], [2], [3, 4, 5]]
