@@ -23,7 +23,8 @@ from rules._model import group_value
 
 log = logging.getLogger("citypulse.rules")
 
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2
+_MAGIC = b"CPE2"
 EvalScope = Literal["sensor", "group", "all"]
 Effect = AlertEvent | CommandEvent
 
@@ -355,20 +356,30 @@ class RuleEngine:
         self._unhealthy = {k: v for k, v in self._unhealthy.items() if k in keep}
 
     def snapshot(self) -> bytes:
-        """The full state as versioned JSON bytes (same state -> same bytes)."""
-        sensors = {
-            sid: {
-                "last_seen_ms": st.last_seen_ms,
-                "series": {m: s.state() for m, s in st.series.items() if s.ts},
-            }
+        """The full state as versioned bytes (same state -> same bytes).
+
+        ``CPE2``, the length of a JSON header (4 bytes, little-endian), the header, then every
+        series' points as raw little-endian arrays in the header's order: copying arrays costs
+        a few ms per 10 MB where encoding the numbers as JSON text cost 10x that, and the
+        worker takes snapshots on its event loop (the alert path).
+        """
+        data: list[bytes] = []
+        series = [
+            [sid, m, *s.dump(data)]
             for sid, st in self._states.items()
-            if st.last_seen_ms is not None or st.series
-        }
+            for m, s in st.series.items()
+            if s.ts
+        ]
         by_name = self._ruleset.by_name
         doc = {
             "v": SNAPSHOT_VERSION,
             "epoch_ms": self._epoch_ms,
-            "sensors": sensors,
+            "seen": {
+                sid: st.last_seen_ms
+                for sid, st in self._states.items()
+                if st.last_seen_ms is not None
+            },
+            "series": series,
             "alerts": [
                 {"rule": k[0], "key": k[1], "digest": by_name[k[0]].digest, **a.dump()}
                 for k, a in sorted(self._alerts.items())
@@ -385,10 +396,11 @@ class RuleEngine:
             ],
             "unhealthy": self._unhealthy,
         }
-        return orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)
+        head = orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)
+        return b"".join((_MAGIC, len(head).to_bytes(4, "little"), head, *data))
 
     def restore(self, blob: bytes) -> None:
-        """Replace the state with a :meth:`snapshot`.
+        """Replace the state with a :meth:`snapshot` (or a version 1 snapshot: JSON only).
 
         State of sensors no longer in the registry and of rules that changed is dropped.
 
@@ -396,21 +408,37 @@ class RuleEngine:
             RuleStateError: the blob is not a snapshot this version understands.
         """
         try:
-            doc = orjson.loads(blob)
-            if not isinstance(doc, dict) or doc.get("v") != SNAPSHOT_VERSION:
-                raise RuleStateError(f"unsupported snapshot version {doc.get('v')!r}")
-            by_name = self._ruleset.by_name
             states = {s.id: SensorState(s) for s in self._registry}
-            for sid, d in doc["sensors"].items():
-                st = states.get(sid)
-                if st is None:
-                    continue
-                st.last_seen_ms = d["last_seen_ms"]
-                for metric, (ts, vals, *sums) in d["series"].items():
-                    series = Series()
-                    base, dropped = (float(sums[0]), int(sums[1])) if sums else (0.0, 0)
-                    series.restore([int(t) for t in ts], [float(v) for v in vals], base, dropped)
-                    st.series[metric] = series
+            if blob[:4] == _MAGIC:
+                size = int.from_bytes(blob[4:8], "little")
+                doc = orjson.loads(blob[8 : 8 + size])
+                if not isinstance(doc, dict) or doc.get("v") != SNAPSHOT_VERSION:
+                    raise RuleStateError(f"unsupported snapshot version {doc.get('v')!r}")
+                data, pos = memoryview(blob), 8 + size
+                for sid, seen in doc["seen"].items():
+                    if sid in states:
+                        states[sid].last_seen_ms = int(seen)
+                for sid, metric, *head in doc["series"]:
+                    series, pos = Series.load(head, data, pos)
+                    if sid in states:
+                        states[sid].series[metric] = series
+            else:
+                doc = orjson.loads(blob)
+                if not isinstance(doc, dict) or doc.get("v") != 1:
+                    raise RuleStateError(f"unsupported snapshot version {doc.get('v')!r}")
+                for sid, d in doc["sensors"].items():
+                    st = states.get(sid)
+                    if st is None:
+                        continue
+                    st.last_seen_ms = d["last_seen_ms"]
+                    for metric, (ts, vals, *sums) in d["series"].items():
+                        series = Series()
+                        base, dropped = (float(sums[0]), int(sums[1])) if sums else (0.0, 0)
+                        series.restore(
+                            [int(t) for t in ts], [float(v) for v in vals], base, dropped
+                        )
+                        st.series[metric] = series
+            by_name = self._ruleset.by_name
             alerts: dict[tuple[str, str], _Alert] = {}
             for d in doc["alerts"]:
                 rule = by_name.get(d["rule"])

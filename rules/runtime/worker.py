@@ -2,10 +2,11 @@
 
 Stage ``sensor`` consumes ``{prefix}.readings`` (keyed by sensor) in group ``{prefix}-rules``,
 evaluates per-sensor rules and re-publishes each batch on ``{prefix}.rules-rekey`` once per
-group key (``"district=north"``) the batch feeds, one record per poll and key. Stage ``group`` consumes the re-key topic in
-group ``{prefix}-rules-groups`` and evaluates the group rules, whose state therefore lives with
-the group key's partition. Each input partition has its own engine instance; its state is
-checkpointed to ``{prefix}.rules-state`` (see :mod:`rules.runtime.changelog` and README.md).
+group key (``"district=north"``) the batch feeds, one record per poll and key. Stage ``group``
+consumes the re-key topic in group ``{prefix}-rules-groups`` and evaluates the group rules,
+whose state therefore lives with the group key's partition. Each input partition has its own
+engine instance; its state is checkpointed to ``{prefix}.rules-state`` (see
+:mod:`rules.runtime.changelog` and README.md).
 
 The only wall-clock reader is the ticker (:meth:`_Stage.tick`): it calls ``engine.advance(now)``
 so staleness and ``for`` timers progress when no reading arrives, and drives Alertmanager
@@ -142,6 +143,10 @@ def watermark_ms(
 REKEY_MAX_BYTES = 256 * 1024
 """Batches of one poll for one group key share a re-key record up to this size (the default
 Kafka message limit is 1 MiB)."""
+
+
+YIELD_EVERY = 200
+"""The group stage yields to the event loop after this many batches of one poll."""
 
 
 def rekey_value(key: str, partition: int, items: Sequence[tuple[int, bytes]]) -> bytes:
@@ -436,6 +441,7 @@ class _Stage(ConsumerRebalanceListener):  # type: ignore[misc]
     async def _handle(self, part: _Part, records: Sequence[Any]) -> None:
         effects: list[Effect] = []
         rekeys: dict[str, list[tuple[int, bytes]]] = {}
+        applied = 0
         for rec in records:
             if rec.offset < part.offset:
                 continue  # fetched before a seek back to a snapshot: already applied
@@ -458,6 +464,11 @@ class _Stage(ConsumerRebalanceListener):  # type: ignore[misc]
                         batch = decode_batch(obj)
                         out = _process_group(part.engine, batch, key, self.w.registry)
                         self._applied(part, batch, out, effects)
+                        applied += 1
+                        if applied % YIELD_EVERY == 0:
+                            # A poll of re-key records can hold many thousand batches: let
+                            # the sensor stage (the alert path) run in between.
+                            await asyncio.sleep(0)
             except (ValidationError, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
                 log.warning(
                     "undecodable record skipped",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import orjson
 import pytest
 
 from citypulse.events import AlertEvent, AlertState, CommandEvent, Reading, ReadingBatch
@@ -294,6 +295,35 @@ def test_snapshot_restore_round_trip(cut: int) -> None:
     assert second.snapshot() == blob
     got += [e.encode() for e in _run(second, cut, 30)]
     assert got == expected
+
+
+def test_snapshot_of_the_previous_version_restores() -> None:
+    """A snapshot written before windows were stored as arrays (JSON only, ``"v": 1``) is
+    restored after an upgrade: the worker does not start over from an empty state."""
+    first = RuleEngine(ruleset(ALL), REG)
+    expected = [e.encode() for e in _run(first, 0, 30)]
+    second = RuleEngine(ruleset(ALL), REG)
+    got = [e.encode() for e in _run(second, 0, 9)]
+    v1 = orjson.loads(_header(second.snapshot()))
+    v1["v"] = 1
+    v1["sensors"] = {
+        sid: {
+            "last_seen_ms": st.last_seen_ms,
+            "series": {m: [list(s.ts), list(s.vals)] for m, s in st.series.items() if s.ts},
+        }
+        for sid, st in second._states.items()
+        if st.last_seen_ms is not None
+    }
+    del v1["seen"], v1["series"]
+    third = RuleEngine(ruleset(ALL), REG)
+    third.restore(orjson.dumps(v1))
+    got += [e.encode() for e in _run(third, 9, 30)]
+    assert got == expected
+
+
+def _header(blob: bytes) -> bytes:
+    size = int.from_bytes(blob[4:8], "little")
+    return blob[8 : 8 + size]
 
 
 def test_replace_rules_keeps_state_of_unchanged_rules() -> None:

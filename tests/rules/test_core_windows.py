@@ -78,9 +78,10 @@ def test_restored_series_continues_bit_for_bit() -> None:
         if cut == 1700:
             break
     assert original.dropped  # the state carries trimmed points' sums
-    copy = Series()
-    ts_, vals, *sums = original.state()
-    copy.restore(list(ts_), list(vals), *sums)  # type: ignore[arg-type]
+    data: list[bytes] = []
+    head = original.dump(data)
+    copy, end = Series.load(head, memoryview(b"".join(data)), 0)
+    assert end == 16 * len(original.ts)
     for ts, v in stream[cut + 1 :]:
         for s in (original, copy):
             s.add(ts, v)
