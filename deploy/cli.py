@@ -171,6 +171,10 @@ def bench(
         float,
         typer.Option(help="seconds at 50 % after the first mode, sampling RSS (memory); 0 = off"),
     ] = 0.0,
+    soak_fill: Annotated[
+        float | None,
+        typer.Option(help="seconds at 50 % before the soak (windows fill); default: longest"),
+    ] = None,
 ) -> None:
     """End-to-end benchmark on the embedded stack: throughput, latency, CPU, raw ceilings."""
     from deploy.bench._cmd import run_bench_cmd
@@ -188,5 +192,6 @@ def bench(
             out=out,
             quick=quick,
             soak_s=soak,
+            soak_fill_s=soak_fill,
         )
     )

@@ -65,6 +65,7 @@ def run_bench_cmd(
     out: Path,
     quick: bool,
     soak_s: float = 0.0,
+    soak_fill_s: float | None = None,
 ) -> int:
     """Run ``citypulse bench``; return the exit code."""
     try:
@@ -84,6 +85,7 @@ def run_bench_cmd(
         rule_workers=rule_workers,
         publishers=publishers if not quick else min(publishers, opts.publishers),
         soak_s=soak_s,
+        soak_fill_s=soak_fill_s,
     )
     try:
         results = run_bench(opts)

@@ -37,6 +37,7 @@ from deploy.bench._rules import write_rules as write_rule_files
 from deploy.embedded import EmbeddedStack, Tansu, free_port
 from deploy.simulator import DISTRICTS, generate_registry
 from deploy.up import ACCEPTED, STORED, Child, citypulse_argv, scrape
+from rules import load_rules
 from stream import make_consumer
 
 console = Console(stderr=True)
@@ -75,6 +76,9 @@ class BenchOptions:
     soak_s: float = 0.0
     """After the first mode's latency phases, hold 50 % of its sustained maximum this long,
     sampling every service's RSS every 10 s (memory flat or not); 0 = no soak phase."""
+    soak_fill_s: float | None = None
+    """Seconds at the soak's rate before the measured ``soak_s``, so the rule workers' windows
+    are full (their memory grows until then, by design); None = the longest rule window."""
 
     @classmethod
     def quick_options(cls, out: Path, modes: tuple[Mode, ...]) -> BenchOptions:
@@ -279,6 +283,7 @@ class Bench:
         self.children: list[Child] = []
         self._last: dict[tuple[str, str, tuple[tuple[str, str], ...]], float] = {}
         self.samples: list[Sample] = []
+        self.longest_window_s = 0.0  # of the generated rules (set up in _setup)
         self.phases: list[dict[str, Any]] = []
         self.began = time.monotonic()
         self.env: dict[str, str] = {}
@@ -334,6 +339,8 @@ class Bench:
             partitions=int(self.env["CITYPULSE_PARTITIONS"]),
         )
         check = self._cli("rules", "check", str(rules_dir))
+        ruleset = load_rules(rules_dir, registry)
+        self.longest_window_s = max((r.window_s or 0.0 for r in ruleset.rules), default=0.0)
         self._cli("db", "migrate")
         self._cli("registry", "load")
         return {"rules_check": check, "rule_files": len(files), "topic_prefix": prefix}
@@ -746,8 +753,9 @@ class Bench:
             out["latency"] = {}
             latency_s = max(4.0, o.duration_s / 2)
             fixed = [(0.5, latency_s, "latency"), (0.9, latency_s, "latency")]
+            fill_s = self.longest_window_s if o.soak_fill_s is None else o.soak_fill_s
             if o.soak_s > 0 and mode == o.modes[0]:
-                fixed.append((0.5, o.soak_s, "soak"))
+                fixed.append((0.5, fill_s + o.soak_s, "soak"))
             for share, seconds, kind in fixed:
                 label = f"{round(share * 100)}%"
                 name = f"{mode} at {label}" if kind == "latency" else f"{mode} soak at {label}"
@@ -766,6 +774,8 @@ class Bench:
                 ph["stored_latency_ms"] = _pct(stored)
                 ph["alert_latency_ms"] = _pct(alert)
                 if kind == "soak":
+                    ph["fill_s"] = fill_s
+                    ph["rss_after_fill_mb"] = _rss_growth(ph["rss_series_mb"], fill_s)
                     out["soak"] = ph
                 else:
                     out["latency"][label] = ph
@@ -783,6 +793,22 @@ class Bench:
 def _rss_mb(resources: dict[str, tuple[float, float]]) -> dict[str, float]:
     """RSS (MB) of each service from :meth:`Bench._resources` (cpu_s, rss_mb) pairs."""
     return {k: round(v[1], 1) for k, v in resources.items()}
+
+
+def _rss_growth(series: list[dict[str, float]], after_s: float) -> dict[str, dict[str, float]]:
+    """Per service: RSS (MB) at the first sample from ``after_s`` on, at the end, and the
+    growth between them in % (the measured part of a soak, once the windows are full)."""
+    start = next((r for r in series if r["t_s"] >= after_s), series[-1])
+    end = series[-1]
+    return {
+        k: {
+            "from_mb": start[k],
+            "to_mb": end[k],
+            "growth_pct": round((end[k] - start[k]) / start[k] * 100, 1) if start[k] else 0.0,
+        }
+        for k in end
+        if k != "t_s"
+    }
 
 
 def _ratios(results: dict[str, Any]) -> dict[str, Any]:

@@ -42,8 +42,9 @@ def test_templates_carry_ten_readings_per_batch() -> None:
 
 @pytest.mark.integration
 def test_bench_quick_writes_results(tmp_path: Path) -> None:
-    """`citypulse bench --quick --mode batch --soak 12` writes JSON with non-zero rates, the
-    rule workers' evaluated rate, a memory series of the soak phase, and a plot."""
+    """`citypulse bench --quick --mode batch --soak 12 --soak-fill 6` writes JSON with non-zero
+    rates, the rule workers' evaluated rate, a memory series of the soak phase (with the growth
+    after the fill period), and a plot."""
     out = subprocess.run(
         [
             sys.executable,
@@ -57,6 +58,8 @@ def test_bench_quick_writes_results(tmp_path: Path) -> None:
             str(tmp_path),
             "--soak",
             "12",
+            "--soak-fill",
+            "6",
         ],
         capture_output=True,
         text=True,
@@ -77,6 +80,8 @@ def test_bench_quick_writes_results(tmp_path: Path) -> None:
     soak = batch["soak"]
     assert len(soak["rss_series_mb"]) >= 2
     assert soak["rss_series_mb"][-1]["rules"] > 0
+    assert soak["seconds"] >= 18  # the fill period comes on top of the measured soak
+    assert soak["rss_after_fill_mb"]["rules"]["to_mb"] == soak["rss_series_mb"][-1]["rules"]
     assert set(batch["latency"]) == {"50%", "90%"}
     assert batch["latency"]["50%"]["stored_latency_ms"]["n"] > 0
     assert batch["latency"]["50%"]["alert_latency_ms"]["n"] > 0
