@@ -411,9 +411,7 @@ class RuleEngine:
             states = {s.id: SensorState(s) for s in self._registry}
             if blob[:4] == _MAGIC:
                 size = int.from_bytes(blob[4:8], "little")
-                doc = orjson.loads(blob[8 : 8 + size])
-                if not isinstance(doc, dict) or doc.get("v") != SNAPSHOT_VERSION:
-                    raise RuleStateError(f"unsupported snapshot version {doc.get('v')!r}")
+                doc = _versioned(orjson.loads(blob[8 : 8 + size]), SNAPSHOT_VERSION)
                 data, pos = memoryview(blob), 8 + size
                 for sid, seen in doc["seen"].items():
                     if sid in states:
@@ -423,9 +421,7 @@ class RuleEngine:
                     if sid in states:
                         states[sid].series[metric] = series
             else:
-                doc = orjson.loads(blob)
-                if not isinstance(doc, dict) or doc.get("v") != 1:
-                    raise RuleStateError(f"unsupported snapshot version {doc.get('v')!r}")
+                doc = _versioned(orjson.loads(blob), 1)
                 for sid, d in doc["sensors"].items():
                     st = states.get(sid)
                     if st is None:
@@ -751,6 +747,14 @@ class RuleStateError(Exception):
 
 class RuleEvalError(Exception):
     """A rule failed at evaluation time (reported through :meth:`RuleEngine.unhealthy`)."""
+
+
+def _versioned(doc: Any, version: int) -> dict[str, Any]:
+    """``doc`` if it is a snapshot object of ``version``."""
+    found = doc.get("v") if isinstance(doc, dict) else type(doc).__name__
+    if found != version:
+        raise RuleStateError(f"unsupported snapshot version {found!r}")
+    return doc  # type: ignore[no-any-return]
 
 
 def _step(rule: Rule, a: _Alert, conds: list[bool], clear: bool | None, now: int) -> bool:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import orjson
 import pytest
 
 from citypulse.events import AlertEvent, AlertState, CommandEvent, Reading, ReadingBatch
 from citypulse.registry import Registry, parse_registry
-from rules import RuleEngine, RuleSet
+from rules import RuleEngine, RuleSet, RuleStateError
 from rules._load import parse_rules_text
 
 REGISTRY_YAML = """
@@ -319,6 +321,27 @@ def test_snapshot_of_the_previous_version_restores() -> None:
     third.restore(orjson.dumps(v1))
     got += [e.encode() for e in _run(third, 9, 30)]
     assert got == expected
+
+
+@pytest.mark.parametrize(
+    "mangle",
+    [
+        lambda b: b[: len(b) - 5],  # cut inside the last series
+        lambda b: b[:4] + (10**6).to_bytes(4, "little") + b[8:],  # header length past the end
+        lambda b: b'{"v": 7}',  # a version this engine does not know
+        lambda b: b"[1, 2]",  # JSON, but not a snapshot
+        lambda b: b"\x00garbage",
+    ],
+)
+def test_unreadable_snapshot_raises_rule_state_error(mangle: Callable[[bytes], bytes]) -> None:
+    """A damaged or foreign snapshot is refused with RuleStateError (never a half-restored
+    engine, never another exception type)."""
+    eng = RuleEngine(ruleset(ALL), REG)
+    _run(eng, 0, 9)
+    other = RuleEngine(ruleset(ALL), REG)
+    with pytest.raises(RuleStateError):
+        other.restore(mangle(eng.snapshot()))
+    assert other.snapshot() == RuleEngine(ruleset(ALL), REG).snapshot()
 
 
 def _header(blob: bytes) -> bytes:
