@@ -2,8 +2,10 @@
 
 Bridge: paho-mqtt runs its network loop in its own thread (``loop_start``); ``on_message``
 appends each message to a deque (thread-safe append/popleft) and wakes the asyncio loop with
-``call_soon_threadsafe`` only when no wake-up is already pending: one wake-up per burst, not per
-message (waking the loop per message cost ~11 % of the collector's CPU). The deque is bounded by
+``call_soon_threadsafe`` only when the loop is idle: the flag that suppresses wake-ups is
+cleared by the consumer when it finds the deque empty, not when a wake-up arrives, so messages
+that come while it works are taken on its next turn without waking it (waking the loop per
+message cost ~11 % of the collector's CPU with single-reading messages). The deque is bounded by
 the MQTT v5 *receive maximum* we announce: the broker can never have more unacknowledged QoS 1
 messages in flight than that; QoS 0 beyond it is dropped and counted. Paho also reconnects
 (backoff 1 s doubling to 30 s), with ``clean_start=False`` and the same client id, so the broker
@@ -186,8 +188,8 @@ class Collector:
             return
         inbox.append(_Message(msg.topic, msg.payload, msg.mid, msg.qos, self._generation))
         if not self._wake_pending:
-            # One wake-up per burst: set here, cleared by _wake on the loop *before* the
-            # consumer looks at the deque, so a message appended meanwhile is never stranded.
+            # Set here, cleared by the consumer when it goes idle and *before* it looks at the
+            # deque a last time, so a message appended meanwhile is never stranded.
             self._wake_pending = True
             with contextlib.suppress(RuntimeError):  # loop closed while shutting down
                 self._loop.call_soon_threadsafe(self._wake)
@@ -195,7 +197,6 @@ class Collector:
     # -- asyncio thread --------------------------------------------------------------------
 
     def _wake(self) -> None:
-        self._wake_pending = False
         self._ready.set()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -242,6 +243,7 @@ class Collector:
                     return
             if not inbox:
                 ready.clear()
+                self._wake_pending = False  # idle: the next message wakes us
                 if not inbox:  # re-check: an append before clear() would otherwise wait 0.1 s
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(0.1):
