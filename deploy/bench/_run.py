@@ -68,7 +68,7 @@ class BenchOptions:
     publishers: int = 3
     probes: int = 20
     probe_hz: float = 20.0
-    ceiling_s: float = 5.0
+    ceiling_s: float = 8.0
     kafka_ceiling_records: int = 100_000
     copy_ceiling_rows: int = 200_000
     out: Path = Path("bench-results")
