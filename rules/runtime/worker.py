@@ -167,6 +167,8 @@ def read_rekey(value: bytes) -> tuple[str, int, list[tuple[int, Any]]]:
         orjson.JSONDecodeError, KeyError, TypeError, ValueError: not a re-key record.
     """
     env = orjson.loads(value)
+    if type(env) is not dict:
+        raise TypeError(f"a re-key record is a JSON object, not {type(env).__name__}")
     if env.get("v") == 1:
         partition, offset = env["origin"]
         return str(env["key"]), int(partition), [(int(offset), env["batch"])]

@@ -111,6 +111,16 @@ def test_rekey_records_of_the_previous_version_are_still_read() -> None:
     assert ReadingBatch.model_validate(items[0][1]) == b
 
 
+@pytest.mark.parametrize(
+    "value",
+    [b"[1, 2]", b'"text"', b"{}", b'{"v": 2, "key": "k", "origin": 0}', b'{"v": 1, "key": 1}'],
+)
+def test_a_foreign_rekey_record_is_refused_with_a_decoding_error(value: bytes) -> None:
+    """What the group stage skips as undecodable (and logs), instead of stopping the worker."""
+    with pytest.raises((orjson.JSONDecodeError, KeyError, TypeError, ValueError)):
+        read_rekey(value)
+
+
 def test_rekey_batches_are_split_by_size_in_order() -> None:
     """A poll's batches for one key are split into records under the size limit, in offset
     order; a single batch over the limit still goes, alone."""
