@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,41 @@ def _recorded(rows: list[dict[str, Any]], rule: str, label: str) -> list[tuple[s
     ]
 
 
+async def _kill_midway_and_restart(
+    settings: Settings,
+    log: Path,
+    batches: list[ReadingBatch],
+    recorded: Callable[[list[dict[str, Any]]], list[tuple[str, str, int]]],
+    expected: set[tuple[str, str, int]],
+    procs: list[subprocess.Popen[bytes]],
+) -> None:
+    """Start a worker, produce the first 60 batches, SIGKILL it as soon as it has recorded one
+    of the alerts (work since its last checkpoint is lost and will be replayed), produce the
+    rest, start it again (``procs[-1]``); then every expected alert is recorded exactly once."""
+    procs.append(_start(settings, log))
+    await produce(settings, *batches[:60])
+    await eventually(lambda: alert_rows(settings), lambda rows: bool(recorded(rows)), 30)
+    procs[-1].send_signal(signal.SIGKILL)
+    procs[-1].wait(10)
+    await produce(settings, *batches[60:])
+    procs.append(_start(settings, log))
+    await eventually(
+        lambda: alert_rows(settings),
+        lambda rows: set(recorded(rows)) >= expected,
+        timeout_s=60,
+    )
+    await asyncio.sleep(1.5)  # a duplicate would arrive now
+    rows = recorded(await alert_rows(settings))
+    assert sorted(rows) == sorted(expected), log.read_text()[-3000:]
+
+
+def _stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
 async def test_sigkill_and_restart_records_each_alert_once(
     rt_settings: Settings, tmp_path: Path
 ) -> None:
@@ -123,24 +159,10 @@ async def test_sigkill_and_restart_records_each_alert_once(
         return _recorded(rows, "WaterLowPressure", "sensor")
 
     log = tmp_path / "worker.log"
-    proc = _start(rt_settings, log)
+    procs: list[subprocess.Popen[bytes]] = []
     try:
-        await produce(rt_settings, *batches[:60])
-        # Kill as soon as the worker has recorded something: work since its last
-        # checkpoint is lost and will be replayed.
-        await eventually(lambda: alert_rows(rt_settings), bool, timeout_s=30)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
-        await produce(rt_settings, *batches[60:])
-        proc = _start(rt_settings, log)
-        await eventually(
-            lambda: alert_rows(rt_settings),
-            lambda rows: set(recorded(rows)) >= expected,
-            timeout_s=60,
-        )
-        await asyncio.sleep(1.5)  # a duplicate would arrive now
-        rows = recorded(await alert_rows(rt_settings))
-        assert sorted(rows) == sorted(expected), log.read_text()[-3000:]
+        await _kill_midway_and_restart(rt_settings, log, batches, recorded, expected, procs)
+        proc = procs[-1]
 
         # SIGHUP (the only reload trigger here) applies an edited rule: 3.0 bar is now low.
         rules_file = rt_settings.rules / "rules.yaml"
@@ -157,9 +179,7 @@ async def test_sigkill_and_restart_records_each_alert_once(
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, log.read_text()[-3000:]
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        _stop_all(procs)
 
 
 async def test_sigkill_replays_group_input_once(rt_settings: Settings, tmp_path: Path) -> None:
@@ -187,25 +207,10 @@ async def test_sigkill_replays_group_input_once(rt_settings: Settings, tmp_path:
         return _recorded(rows, "DistrictLowPressure", "district")
 
     log = tmp_path / "worker.log"
-    proc = _start(settings, log)
+    procs: list[subprocess.Popen[bytes]] = []
     try:
-        await produce(settings, *batches[:60])
-        await eventually(lambda: alert_rows(settings), lambda rows: bool(recorded(rows)), 30)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
-        await produce(settings, *batches[60:])
-        proc = _start(settings, log)
-        await eventually(
-            lambda: alert_rows(settings),
-            lambda rows: set(recorded(rows)) >= expected,
-            timeout_s=60,
-        )
-        await asyncio.sleep(1.5)  # a duplicate would arrive now
-        rows = recorded(await alert_rows(settings))
-        assert sorted(rows) == sorted(expected), log.read_text()[-3000:]
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0, log.read_text()[-3000:]
+        await _kill_midway_and_restart(settings, log, batches, recorded, expected, procs)
+        procs[-1].send_signal(signal.SIGTERM)
+        assert procs[-1].wait(30) == 0, log.read_text()[-3000:]
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        _stop_all(procs)
