@@ -427,12 +427,9 @@ class RuleEngine:
                     if st is None:
                         continue
                     st.last_seen_ms = d["last_seen_ms"]
-                    for metric, (ts, vals, *sums) in d["series"].items():
+                    for metric, (ts, vals) in d["series"].items():
                         series = Series()
-                        base, dropped = (float(sums[0]), int(sums[1])) if sums else (0.0, 0)
-                        series.restore(
-                            [int(t) for t in ts], [float(v) for v in vals], base, dropped
-                        )
+                        series.restore([int(t) for t in ts], [float(v) for v in vals], 0.0, 0)
                         st.series[metric] = series
             by_name = self._ruleset.by_name
             alerts: dict[tuple[str, str], _Alert] = {}

@@ -782,10 +782,11 @@ class _Compiler:
         self.arity(node, 2)
         window_s = self.window(args[1])
         metric = self.metric_arg(node, args[0], window_s)
-        agg = _AGGREGATES[name]
         if name in ("rate", "delta"):
             return self.change(node, metric, window_s, per_second=name == "rate"), Type.NUM
-        return self.windowed(node, metric, window_s, agg), Type.NUM
+        if name in ("avg", "sum", "count"):
+            return self.running(node, metric, window_s, name), Type.NUM
+        return self.windowed(node, metric, window_s, _AGGREGATES[name]), Type.NUM
 
     def arity(self, node: Node, n: int) -> None:
         if len(node.args) != n:
@@ -823,27 +824,6 @@ class _Compiler:
     ) -> Fn:
         window_ms = round(window_s * 1000)
         label = self.src(node)
-        kind = str(node.value)
-
-        if kind in ("avg", "sum", "count"):
-            # From the running sums: constant time however many points the window holds.
-            def running(c: Ctx) -> Value:
-                s = c.series.get(metric, _EMPTY)
-                i, j = _span(c, s.ts, window_ms)
-                n = j - i
-                if kind == "count":
-                    v: float | None = float(n)
-                elif not n:
-                    v = None
-                else:
-                    v = s.cum[j] - s.cum[i]
-                    if kind == "avg":
-                        v = v / n
-                if c.record is not None and v is not None:
-                    c.record[label] = v
-                return v
-
-            return running
 
         def aggregate(c: Ctx) -> Value:
             s = c.series.get(metric, _EMPTY)
@@ -854,6 +834,30 @@ class _Compiler:
             return v
 
         return aggregate
+
+    def running(self, node: Node, metric: str, window_s: float, kind: str) -> Fn:
+        """``avg``, ``sum`` or ``count`` from the series' running sums: constant time however
+        many points the window holds."""
+        window_ms = round(window_s * 1000)
+        label = self.src(node)
+
+        def running(c: Ctx) -> Value:
+            s = c.series.get(metric, _EMPTY)
+            i, j = _span(c, s.ts, window_ms)
+            n = j - i
+            if kind == "count":
+                v: float | None = float(n)
+            elif not n:
+                v = None
+            else:
+                v = s.cum[j] - s.cum[i]
+                if kind == "avg":
+                    v = v / n
+            if c.record is not None and v is not None:
+                c.record[label] = v
+            return v
+
+        return running
 
     def change(self, node: Node, metric: str, window_s: float, *, per_second: bool) -> Fn:
         window_ms = round(window_s * 1000)
@@ -1052,10 +1056,6 @@ def _selector_matcher(
     return matches
 
 
-def _avg(v: Sequence[float]) -> float | None:
-    return sum(v) / len(v) if v else None
-
-
 def _stddev(v: Sequence[float]) -> float | None:
     if not v:
         return None
@@ -1077,15 +1077,11 @@ def _percentile(q: float) -> Callable[[Sequence[float]], float | None]:
 
 
 _AGGREGATES: dict[str, Callable[[Sequence[float]], float | None]] = {
-    "avg": _avg,
     "min": lambda v: min(v) if v else None,
     "max": lambda v: max(v) if v else None,
-    "sum": lambda v: sum(v) if v else None,
-    "count": lambda v: float(len(v)),
     "stddev": _stddev,
-    "rate": _avg,  # placeholder: rate/delta are compiled by _Compiler.change
-    "delta": _avg,
 }
+"""Windowed functions that scan the window (avg, sum and count use running sums)."""
 
 
 def _count(v: list[Value]) -> float:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import random
 import tempfile
 import time
@@ -79,8 +78,9 @@ def _timed(label: str, fn: Callable[[], object], readings: int | None = None) ->
 
 
 def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:  # resident pages; Linux only, as the benchmark
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+    import psutil  # the embedded extra, which the workload's generators need anyway
+
+    return psutil.Process().memory_info().rss / 1e6
 
 
 def main(argv: list[str] | None = None) -> None:
