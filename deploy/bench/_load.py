@@ -26,6 +26,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from citypulse.registry import Sensor
 from citypulse.topics import SensorTopic
 from deploy.bench._rules import MARKER_METRIC, MARKER_VALUE, NORMAL_FRACTION
+from deploy.bench._wire import WirePublisher
 
 READINGS_PER_BATCH = 10
 """Readings carried by one ``batch`` or ``senml`` message."""
@@ -159,22 +160,22 @@ def _publisher_main(
     acked: Any,
     prefix: str,
 ) -> None:
-    """Body of a publisher process: paced by the shared target rate, QoS 1, count PUBACKs."""
-    client = connect(url, f"bench-pub-{index}-{uuid.uuid4().hex[:6]}")
+    """Body of a publisher process: paced by the shared target rate, QoS 1, count PUBACKs.
+
+    It publishes through :class:`~deploy.bench._wire.WirePublisher`, not paho: see that module
+    for why the load generator must be lean.
+    """
+    parts = urlsplit(url)
+    pub = WirePublisher(
+        parts.hostname or "127.0.0.1",
+        parts.port or 1883,
+        f"bench-pub-{index}-{uuid.uuid4().hex[:6]}",
+    )
     # Every message of a workload carries the same number of readings (1 or 10).
     per_msg = templates[0].readings
-    done = [0]
-
-    def on_publish(c: Any, u: Any, mid: int, *rest: Any) -> None:
-        # paho's network thread only; no lock: taking one here while the publishing thread
-        # holds it inside client.publish() deadlocks against paho's own mutex.
-        done[0] += 1
-        acked.value = done[0] * per_msg
-
-    client.on_publish = on_publish
-    n = len(templates)
+    topics = [((prefix + t.topic).encode(), t) for t in templates]
+    n = len(topics)
     i = 0
-    published = 0
     sent = 0.0  # readings sent in the current pacing window
     window_start = time.monotonic()
     window_rate = -1.0
@@ -185,26 +186,26 @@ def _publisher_main(
             if target != window_rate:
                 window_start, sent, window_rate = now, 0.0, target
             if target <= 0:
+                pub.flush()
+                pub.idle()
+                acked.value = pub.acked * per_msg
                 time.sleep(0.01)
                 continue
             ahead = sent / target - (now - window_start)
             if ahead > 0.002:
+                pub.flush()
+                acked.value = pub.acked * per_msg
                 time.sleep(min(ahead, 0.05))
                 continue
-            tpl = templates[i % n]
+            topic, tpl = topics[i % n]
             i += 1
-            payload = tpl.render(time.time_ns() // 1_000_000)
-            topic = tpl.topic if not prefix else prefix + tpl.topic
-            while client.publish(topic, payload, qos=1).rc != mqtt.MQTT_ERR_SUCCESS:
-                time.sleep(0.001)  # paho's bounded queue is full: the broker is behind
-            published += 1
+            pub.publish(topic, tpl.render(time.time_ns() // 1_000_000))
             sent += tpl.readings
+            if not pub.sent & 255:  # flat out (the ceilings) never reaches the sleeps above
+                acked.value = pub.acked * per_msg
     finally:
-        deadline = time.monotonic() + 10
-        while done[0] < published and time.monotonic() < deadline:
-            time.sleep(0.05)
-        client.disconnect()
-        client.loop_stop()
+        pub.close()
+        acked.value = pub.acked * per_msg
 
 
 class Publishers:
