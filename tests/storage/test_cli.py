@@ -26,7 +26,7 @@ async def test_db_migrate_then_registry_load(storage_settings: Settings) -> None
     """migrate applies, a second migrate is a no-op, registry load fills sensors; exit codes 0."""
     first = _cli(storage_settings, "db", "migrate")
     assert first.returncode == 0, first.stderr
-    assert "applied: 0001, 0002, 0003" in first.stdout
+    assert "applied: 0001, 0002, 0003, 0004" in first.stdout
     second = _cli(storage_settings, "db", "migrate")
     assert second.returncode == 0, second.stderr
     assert "none (up to date)" in second.stdout
