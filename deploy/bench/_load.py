@@ -192,7 +192,7 @@ def _publisher_main(
                 time.sleep(0.01)
                 continue
             ahead = sent / target - (now - window_start)
-            if ahead > 0.002:
+            if ahead > 0.01:
                 pub.flush()
                 acked.value = pub.acked * per_msg
                 time.sleep(min(ahead, 0.05))
