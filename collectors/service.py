@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-import paho.mqtt.client as mqtt
 from aiokafka.errors import KafkaError
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
@@ -43,6 +42,7 @@ from citypulse.settings import Settings
 from citypulse.topics import UP_WILDCARD, SensorTopic
 from collectors import metrics
 from collectors.errors import CollectorError
+from collectors.mqtt_read import BufferedClient
 from collectors.ratelimit import VendorRateLimiter
 from collectors.validate import EncodedBatch, Limits, Validator, reject_notice
 from stream import ensure_topics, make_producer
@@ -90,7 +90,7 @@ def make_mqtt_client(settings: Settings, client_id: str, manual_ack: bool) -> tu
     if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
         raise MqttConnectError(f"expected mqtt://host:port or mqtts://host:port: {url.scheme}://")
     tls = url.scheme == "mqtts"
-    client = mqtt.Client(
+    client = BufferedClient(
         CallbackAPIVersion.VERSION2,
         client_id=client_id,
         protocol=MQTTProtocolVersion.MQTTv5,
