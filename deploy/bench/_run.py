@@ -437,7 +437,8 @@ class Bench:
         # (t, acked, done, stored, evaluated): "done" = stored and evaluated by the rules, so
         # the sustained rate is what every stage keeps up with, the rule workers included.
         history: list[tuple[float, float, float, float, float]] = []
-        behind_once = False  # the ramp has found the pipeline's limit once
+        warm = False  # the pipeline has finished readings at half the offered rate once
+        found = False  # the ramp has gone past the pipeline's limit once
         last_backlog = 0.0
         while (elapsed := time.monotonic() - start) < seconds:
             time.sleep(0.5)
@@ -451,28 +452,31 @@ class Bench:
             now = time.monotonic()
             history.append((now, acked, min(stored, evaluated), stored, evaluated))
             if rate is None and len(history) >= 2:
-                # Ramp: raise the offered rate by 25 % a step while the pipeline keeps up
-                # (backlog under ~0.5 s of traffic); once it has fallen behind, hold near
-                # the limit: -5 % while the backlog grows, +3 % while it stays small.
-                # Rates over the last ~1.5 s: the writer stores in bursts, 0.5 s is noisy.
+                # Ramp: hold the start rate until the pipeline finishes readings at half of
+                # it (the rule workers take a few seconds to join their groups); then +25 % a
+                # step while the backlog stays under ~0.5 s of traffic. Past the limit (the
+                # backlog grows), offer 0.95 x what it finished, and from then on hold near
+                # the limit: -5 % a step while the backlog grows, +3 % while it stays under
+                # ~0.25 s of traffic. Rates over the last ~1.5 s: the writer stores in bursts.
                 recent = [h for h in history if now - h[0] <= 1.6]
                 span = recent[-1][0] - recent[0][0]
                 acked_rate = (recent[-1][1] - recent[0][1]) / span
                 done_rate = (recent[-1][2] - recent[0][2]) / span
                 backlog = acked - min(stored, evaluated)
                 behind = backlog >= max(0.5 * target, 5000)
-                if not behind_once and not behind:
-                    target *= 1.25
-                elif not behind_once:
-                    # First time behind: offer a little less than it finishes, so the
-                    # backlog shrinks instead of queueing in Mosquitto for the whole phase.
-                    behind_once = True
-                    target = max(RAMP_FLOOR / 2, 0.9 * done_rate)
-                elif behind and backlog > last_backlog:
-                    target *= 0.95  # near the limit: back off while the backlog grows...
-                elif backlog < max(0.25 * target, 5000):
-                    target *= 1.03  # ...and creep up while it stays small
+                growing = behind and backlog > last_backlog
                 last_backlog = backlog
+                if not warm:
+                    warm = done_rate >= 0.5 * target
+                elif not found and growing:
+                    found = True
+                    target = max(RAMP_FLOOR / 2, 0.95 * min(target, done_rate))
+                elif growing:
+                    target = max(RAMP_FLOOR / 2, 0.95 * target)
+                elif not found and not behind:
+                    target *= 1.25
+                elif found and backlog < max(0.25 * target, 5000):
+                    target *= 1.03
                 # Never offer far more than the publishers get PUBACKed: an offered rate the
                 # load generator cannot reach only measures the publishers (the old ramp
                 # "offered" 1M/s), and the next step would jump from there.
