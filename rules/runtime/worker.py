@@ -443,7 +443,7 @@ class _Stage(ConsumerRebalanceListener):  # type: ignore[misc]
     async def _handle(self, part: _Part, records: Sequence[Any]) -> None:
         effects: list[Effect] = []
         rekeys: dict[str, list[tuple[int, bytes]]] = {}
-        applied = 0
+        applied = evaluated = readings = 0  # counters go to Prometheus once per poll
         for rec in records:
             if rec.offset < part.offset:
                 continue  # fetched before a seek back to a snapshot: already applied
@@ -453,7 +453,8 @@ class _Stage(ConsumerRebalanceListener):  # type: ignore[misc]
             try:
                 if self.name == "sensor":
                     batch = decode_batch(orjson.loads(rec.value))
-                    self._applied(part, batch, part.engine.process(batch, "sensor"), effects)
+                    out = part.engine.process(batch, "sensor")
+                    readings += self._applied(part, batch, out, effects)
                     for fld, value in part.engine.group_keys(batch):
                         rekeys.setdefault(f"{fld}={value}", []).append((rec.offset, rec.value))
                 else:
@@ -465,7 +466,7 @@ class _Stage(ConsumerRebalanceListener):  # type: ignore[misc]
                         part.seen[seen_key] = offset
                         batch = decode_batch(obj)
                         out = _process_group(part.engine, batch, key, self.w.registry)
-                        self._applied(part, batch, out, effects)
+                        readings += self._applied(part, batch, out, effects)
                         applied += 1
                         if applied % YIELD_EVERY == 0:
                             # A poll of re-key records can hold many thousand batches: let
@@ -477,8 +478,10 @@ class _Stage(ConsumerRebalanceListener):  # type: ignore[misc]
                     extra={"stage": self.name, "partition": part.partition, "offset": rec.offset},
                 )
                 continue
-            self._evaluations.inc()
+            evaluated += 1
             self._evaluation_s.observe(time.perf_counter() - started)
+        self._evaluations.inc(evaluated)
+        self._readings.inc(readings)
         await self.w.emit(part, effects)
         # One re-key record per group key and poll (in offset order, so per key the group
         # stage sees them in input order), acknowledged in the background; a failed one stops
@@ -497,14 +500,14 @@ class _Stage(ConsumerRebalanceListener):  # type: ignore[misc]
                 pending.append(f)
         self._rekeys = pending
 
-    def _applied(self, part: _Part, batch: FastBatch, out: list[Effect], to: list[Effect]) -> None:
-        """Account for one evaluated batch: readings counted, event-time clock, effects."""
-        self._readings.inc(len(batch.readings))
+    def _applied(self, part: _Part, batch: FastBatch, out: list[Effect], to: list[Effect]) -> int:
+        """Account for one evaluated batch (event-time clock, effects); returns its readings."""
         latest = max(r.ts_ms for r in batch.readings) if batch.readings else None
         if latest is not None and (part.event_ms is None or latest > part.event_ms):
             part.event_ms, part.event_wall_ms = latest, wall_ms()
         part.clock_ms = max(part.clock_ms, part.event_ms or 0)
         to.extend(out)
+        return len(batch.readings)
 
     async def tick(self, wall_now_ms: int, resend: bool) -> None:
         """Advance every engine to its partition's watermark, emit, re-send firing alerts.
