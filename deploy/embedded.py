@@ -315,7 +315,8 @@ class Postgres(_Server):
                     "utf8",
                     # Sorting by code point compares text with memcmp; libc locales (even
                     # C.UTF-8) go through strcoll on every index comparison of sensor ids:
-                    # ~12 % of the write path's CPU (storage/README.md, "Database locale").
+                    # ~12 % of the write path's CPU (storage/README.md, "Database locale
+                    # and page room").
                     "--locale-provider=builtin",
                     "--builtin-locale=C.UTF-8",
                     "--no-sync",
