@@ -32,6 +32,7 @@ from citypulse.settings import Settings
 from collectors import Limits, Validator
 from deploy.bench._ceilings import copy_ceiling, kafka_ceiling, mqtt_ceiling
 from deploy.bench._load import Mode, Probe, Publishers, Template, shard, templates_for
+from deploy.bench._ramp import Ramp
 from deploy.bench._rules import MARKER_METRIC, MARKER_RULE, generate_rules, probe_sensors
 from deploy.bench._rules import write_rules as write_rule_files
 from deploy.embedded import EmbeddedStack, Tansu, free_port
@@ -42,10 +43,6 @@ from stream import make_consumer
 
 console = Console(stderr=True)
 SILOS = 6
-RAMP_CAP = 1.5
-"""The ramp never offers more than this times the rate the publishers got PUBACKed."""
-RAMP_FLOOR = 2000.0
-"""... nor caps the offer below this (readings/s): the start of the ramp."""
 RULES_READINGS = "citypulse_rules_readings_total"
 
 
@@ -432,14 +429,12 @@ class Bench:
         stored0 = self._counter("writer", STORED)
         evaluated0 = self._rules_evaluated()
         accepted0, acked0 = self._counter("collector", ACCEPTED), pubs.acked
-        target = rate if rate is not None else 2000.0
+        ramp = Ramp()
+        target = rate if rate is not None else ramp.target
         pubs.set_rate(target)
         # (t, acked, done, stored, evaluated): "done" = stored and evaluated by the rules, so
         # the sustained rate is what every stage keeps up with, the rule workers included.
         history: list[tuple[float, float, float, float, float]] = []
-        warm = False  # the pipeline has finished readings at half the offered rate once
-        found = False  # the ramp has gone past the pipeline's limit once
-        last_backlog = 0.0
         while (elapsed := time.monotonic() - start) < seconds:
             time.sleep(0.5)
             self._check_children()
@@ -452,35 +447,14 @@ class Bench:
             now = time.monotonic()
             history.append((now, acked, min(stored, evaluated), stored, evaluated))
             if rate is None and len(history) >= 2:
-                # Ramp: hold the start rate until the pipeline finishes readings at half of
-                # it (the rule workers take a few seconds to join their groups); then +25 % a
-                # step while the backlog stays under ~0.5 s of traffic. Past the limit (the
-                # backlog grows), offer 0.95 x what it finished, and from then on hold near
-                # the limit: -5 % a step while the backlog grows, +3 % while it stays under
-                # ~0.25 s of traffic. Rates over the last ~1.5 s: the writer stores in bursts.
+                # Rates over the last ~1.5 s: the writer stores in bursts, 0.5 s is noisy.
                 recent = [h for h in history if now - h[0] <= 1.6]
                 span = recent[-1][0] - recent[0][0]
-                acked_rate = (recent[-1][1] - recent[0][1]) / span
-                done_rate = (recent[-1][2] - recent[0][2]) / span
-                backlog = acked - min(stored, evaluated)
-                behind = backlog >= max(0.5 * target, 5000)
-                growing = behind and backlog > last_backlog
-                last_backlog = backlog
-                if not warm:
-                    warm = done_rate >= 0.5 * target
-                elif not found and growing:
-                    found = True
-                    target = max(RAMP_FLOOR / 2, 0.95 * min(target, done_rate))
-                elif growing:
-                    target = max(RAMP_FLOOR / 2, 0.95 * target)
-                elif not found and not behind:
-                    target *= 1.25
-                elif found and backlog < max(0.25 * target, 5000):
-                    target *= 1.03
-                # Never offer far more than the publishers get PUBACKed: an offered rate the
-                # load generator cannot reach only measures the publishers (the old ramp
-                # "offered" 1M/s), and the next step would jump from there.
-                target = min(target, max(RAMP_FLOOR, RAMP_CAP * acked_rate))
+                target = ramp.step(
+                    backlog=acked - min(stored, evaluated),
+                    done_rate=(recent[-1][2] - recent[0][2]) / span,
+                    acked_rate=(recent[-1][1] - recent[0][1]) / span,
+                )
                 pubs.set_rate(target)
             self.samples.append(
                 Sample(now - self.began, name, target, acked, accepted, stored, evaluated)
