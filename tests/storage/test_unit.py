@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import base64
 
+import asyncpg
 import orjson
 import pytest
 
 from citypulse.events import Reading, ReadingBatch, Rejection, RejectReason
 from storage import DecodeError, Flavour, MigrationError, decode_readings, decode_rejection
 from storage.migrate import load_migrations, select_flavour
+from storage.writer import _is_transient
 
 TEXT = """\
 CREATE TABLE a (x int);
@@ -144,3 +146,15 @@ def test_decode_rejection() -> None:
     )
     with pytest.raises(DecodeError):
         decode_rejection(b'{"v": 1}')
+
+
+def test_a_connection_left_mid_operation_is_retried_not_fatal() -> None:
+    """A pooled connection that a database outage left mid-operation raises asyncpg's
+    ``InternalClientError``; the writer must retry (the pool replaces the connection) rather
+    than exit, like any other outage error. Programming errors still stop it."""
+    busy = asyncpg.InternalClientError(
+        "cannot switch to state 15; another operation (2) is in progress"
+    )
+    assert _is_transient(busy)
+    assert _is_transient(ConnectionResetError())
+    assert not _is_transient(KeyError("x"))
