@@ -1,5 +1,19 @@
 """Kafka plumbing shared by the collectors, the writer and the rule workers."""
 
-from stream.kafka import TOPICS, client_options, ensure_topics, make_consumer, make_producer
+from stream.kafka import (
+    TOPICS,
+    client_options,
+    ensure_topics,
+    make_consumer,
+    make_producer,
+    partition_of,
+)
 
-__all__ = ["TOPICS", "client_options", "ensure_topics", "make_consumer", "make_producer"]
+__all__ = [
+    "TOPICS",
+    "client_options",
+    "ensure_topics",
+    "make_consumer",
+    "make_producer",
+    "partition_of",
+]

@@ -53,18 +53,29 @@ class CachedPartitioner:
         self._limit = limit
         self._index: dict[tuple[bytes, int], int] = {}
 
-    def __call__(self, key: bytes | None, all_partitions: list[int], available: list[int]) -> int:
-        if key is None:
-            return int(DefaultPartitioner()(key, all_partitions, available))
-        n = len(all_partitions)
+    def index(self, key: bytes, n: int) -> int:
+        """Which of ``n`` partitions (by position, sorted by id) the default picks for ``key``."""
         idx = self._index.get((key, n))
         if idx is None:
             if len(self._index) >= self._limit:
                 self._index.clear()
-            # The default's choice for a list of n partitions is the same index every time.
-            idx = all_partitions.index(DefaultPartitioner()(key, all_partitions, available))
-            self._index[(key, n)] = idx
-        return all_partitions[idx]
+            every = list(range(n))
+            idx = self._index[(key, n)] = int(DefaultPartitioner()(key, every, every))
+        return idx
+
+    def __call__(self, key: bytes | None, all_partitions: list[int], available: list[int]) -> int:
+        if key is None:
+            return int(DefaultPartitioner()(key, all_partitions, available))
+        return all_partitions[self.index(key, len(all_partitions))]
+
+
+_PARTITIONER = CachedPartitioner()
+"""One per process: every producer's, and :func:`partition_of`'s."""
+
+
+def partition_of(key: str, partitions: int) -> int:
+    """The partition a record keyed ``key`` goes to: what every citypulse producer picks."""
+    return _PARTITIONER.index(key.encode(), partitions)
 
 
 def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
@@ -75,7 +86,7 @@ def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
         "linger_ms": settings.kafka_linger_ms,
         "max_batch_size": settings.kafka_max_batch_bytes,
         "compression_type": None,
-        "partitioner": CachedPartitioner(),
+        "partitioner": _PARTITIONER,
     }
     opts.update(overrides)
     return AIOKafkaProducer(**opts)

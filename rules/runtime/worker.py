@@ -31,7 +31,6 @@ import asyncpg
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
-from aiokafka.partitioner import DefaultPartitioner
 from pydantic import ValidationError
 
 from citypulse.events import AlertEvent, AlertState, CommandEvent, ReadingBatch
@@ -53,7 +52,7 @@ from rules.runtime.errors import AlertmanagerError, RuntimeFault, SinkError
 from rules.runtime.maintenance import Maintenance
 from rules.runtime.sinks import MqttPublisher, Sinks
 from rules.runtime.source import Loaded, RuleSource
-from stream import ensure_topics, make_consumer, make_producer
+from stream import ensure_topics, make_consumer, make_producer, partition_of
 
 log = logging.getLogger("citypulse.rules.runtime")
 
@@ -288,13 +287,6 @@ def _group_value(sensor: Any, group_by: str) -> str | None:
     return str(getattr(sensor, group_by, "")) or None
 
 
-def partition_of(key: str, partitions: int) -> int:
-    """The partition a record keyed ``key`` goes to (Kafka's default murmur2 partitioner, as
-    used by every citypulse producer)."""
-    every = list(range(partitions))
-    return int(DefaultPartitioner()(key.encode(), every, every))
-
-
 def effect_key(effect: Effect, stage: str, ruleset: Any, registry: Registry) -> str | None:
     """The input key (sensor id, or ``"field=value"`` group key) an effect belongs to."""
     if stage == "sensor":
@@ -349,7 +341,6 @@ class _Stage(ConsumerRebalanceListener):  # type: ignore[misc]
         self.consumer: AIOKafkaConsumer | None = None
         self.running = False
         self.partitions = worker.settings.partitions
-        self._partition_of: dict[tuple[str, int], int] = {}
         self._evaluations = metrics.EVALUATIONS.labels(name)
         self._evaluation_s = metrics.EVALUATION_SECONDS.labels(name)
         self._readings = metrics.READINGS.labels(name)
@@ -402,13 +393,10 @@ class _Stage(ConsumerRebalanceListener):  # type: ignore[misc]
 
     def _owner(self, partition: int) -> Callable[[str], bool]:
         """Whether a key (sensor id, group key) hashes to ``partition`` (see RuleEngine)."""
-        cache, partitions = self._partition_of, self.partitions
+        partitions = self.partitions
 
         def owns(key: str) -> bool:
-            p = cache.get((key, partitions))
-            if p is None:
-                p = cache[(key, partitions)] = partition_of(key, partitions)
-            return p == partition
+            return partition_of(key, partitions) == partition
 
         return owns
 
