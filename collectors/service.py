@@ -42,7 +42,7 @@ from citypulse.settings import Settings
 from citypulse.topics import UP_WILDCARD, SensorTopic
 from collectors import metrics
 from collectors.errors import CollectorError
-from collectors.mqtt_read import BufferedClient
+from collectors.mqtt_client import LeanClient
 from collectors.ratelimit import VendorRateLimiter
 from collectors.validate import EncodedBatch, Limits, Validator, reject_notice
 from stream import ensure_topics, make_producer
@@ -90,7 +90,7 @@ def make_mqtt_client(settings: Settings, client_id: str, manual_ack: bool) -> tu
     if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
         raise MqttConnectError(f"expected mqtt://host:port or mqtts://host:port: {url.scheme}://")
     tls = url.scheme == "mqtts"
-    client = BufferedClient(
+    client = LeanClient(
         CallbackAPIVersion.VERSION2,
         client_id=client_id,
         protocol=MQTTProtocolVersion.MQTTv5,
@@ -319,7 +319,7 @@ class Collector:
 
         metrics.READINGS_ACCEPTED.inc(accepted)
         generation = self._generation
-        ack = client.ack
+        acks: list[int] = []
         for m, verdict in zip(batch, verdicts, strict=True):
             if isinstance(verdict, Rejection):
                 metrics.MESSAGES_REFUSED.labels(verdict.reason.value).inc()
@@ -336,5 +336,6 @@ class Collector:
                     notice = SensorTopic(verdict.vendor, verdict.sensor, "rejects")
                     client.publish(str(notice), reject_notice(verdict), qos=1)
             # An ack on a later connection would hit a different in-flight message.
-            if m.qos > 0 and m.generation == generation:
-                ack(m.mid, m.qos)
+            if m.qos == 1 and m.generation == generation:
+                acks.append(m.mid)
+        client.ack_all(acks)  # one write for the batch (the subscription is QoS 1)
