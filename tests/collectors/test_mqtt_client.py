@@ -42,19 +42,13 @@ def test_small_reads_are_served_across_chunk_boundaries() -> None:
     b.close()
 
 
-@pytest.mark.integration
-def test_collector_client_receives_a_burst_in_order_with_few_reads(stack: EmbeddedStack) -> None:
-    """3,000 QoS 1 messages published in one burst reach a ``LeanClient`` (MQTT v5) intact
-    and in order, read from the socket in far fewer ``recv`` calls than messages (stock paho
-    needs three or more per message)."""
-    url = urlsplit(stack.mosquitto.url)
-    host, port = url.hostname or "", url.port or 0
-    topic = f"mqtt-read-{uuid.uuid4().hex[:6]}/s1"
-    n = 3000
+def receive_burst(client: Any, connect: tuple[str, int], publish: tuple[str, int], n: int) -> int:
+    """Publish ``n`` QoS 1 messages in one burst (plain MQTT, at ``publish``) to a ``LeanClient``
+    subscribed at ``connect``; assert they all arrive intact and in order. Returns the ``recv``
+    calls on the client's socket during the burst."""
+    topic = f"burst-{uuid.uuid4().hex[:6]}/s1"
     got: list[bytes] = []
     done, subscribed = threading.Event(), threading.Event()
-
-    client = LeanClient(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
 
     def on_message(c: Any, u: Any, msg: Any) -> None:
         got.append(msg.payload)
@@ -63,7 +57,7 @@ def test_collector_client_receives_a_burst_in_order_with_few_reads(stack: Embedd
 
     client.on_message = on_message
     client.on_subscribe = lambda *a: subscribed.set()
-    client.connect(host, port)
+    client.connect(*connect)
     client.loop_start()
     try:
         client.subscribe(topic, qos=1)
@@ -71,17 +65,30 @@ def test_collector_client_receives_a_burst_in_order_with_few_reads(stack: Embedd
         sock = client.socket()
         assert isinstance(sock, BufferedSocket)  # paho still opens its socket through us
         reads0 = sock.reads
-        pub = WirePublisher(host, port, f"pub-{uuid.uuid4().hex[:6]}")
+        pub = WirePublisher(*publish, f"pub-{uuid.uuid4().hex[:6]}")
         sent = [b"%06d" % i + b"x" * (i % 200) for i in range(n)]
         for payload in sent:
             pub.publish(topic.encode(), payload)
         pub.close()
         assert done.wait(20), f"{len(got)} of {n} arrived"
-        reads = sock.reads - reads0
+        reads: int = sock.reads - reads0
     finally:
         client.disconnect()
         client.loop_stop()
     assert got == sent
+    return reads
+
+
+@pytest.mark.integration
+def test_collector_client_receives_a_burst_in_order_with_few_reads(stack: EmbeddedStack) -> None:
+    """3,000 QoS 1 messages published in one burst reach a ``LeanClient`` (MQTT v5) intact
+    and in order, read from the socket in far fewer ``recv`` calls than messages (stock paho
+    needs three or more per message)."""
+    url = urlsplit(stack.mosquitto.url)
+    address = (url.hostname or "", url.port or 0)
+    n = 3000
+    client = LeanClient(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    reads = receive_burst(client, address, address, n)
     assert reads < n // 4, reads
 
 
