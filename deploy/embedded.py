@@ -2,7 +2,8 @@
 
 Used by ``citypulse up`` and by the test fixtures. Each server is a child process with its data
 under a state directory; ``stop()`` is graceful and idempotent, ``kill()`` is SIGKILL (for the
-fault tests), ``start()`` again restarts on the same port.
+fault tests), ``start()`` again restarts on the same port. A server started from the main thread
+also stops when the process that started it dies, even by SIGKILL (:func:`die_with_parent`).
 
 Nothing here is for production: ``deploy/compose.yaml`` is.
 """
@@ -16,6 +17,8 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import IO
@@ -45,6 +48,24 @@ def wait_port(
             return
         time.sleep(0.05)
     raise EmbeddedError(f"nothing listening on {host}:{port} after {timeout_s}s")
+
+
+def die_with_parent(argv: list[str], sig: signal.Signals = signal.SIGTERM) -> list[str]:
+    """``argv`` run so that it gets ``sig`` when the calling process dies, even by SIGKILL.
+
+    A test run killed by a CI timeout or ``kill -9`` would otherwise leave its brokers and
+    databases running, holding ports and memory. This uses the kernel's parent-death signal
+    through util-linux ``setpriv --pdeathsig``. It cannot be kept past a change of user, so a
+    server must not drop privileges itself. ``argv`` is returned unchanged without ``setpriv``
+    (not Linux) or off the main thread: the kernel signals the child when the *thread* that
+    started it ends, and a worker thread may end long before the process does.
+    """
+    setpriv = shutil.which("setpriv")
+    if setpriv is None or not sys.platform.startswith("linux"):
+        return argv
+    if threading.current_thread() is not threading.main_thread():
+        return argv
+    return [setpriv, f"--pdeathsig={sig.name.removeprefix('SIG')}", "--", *argv]
 
 
 def _make_traversable(path: Path) -> None:
@@ -84,11 +105,19 @@ class _Server:
             return
         self.prepare()
         self._log = self.log_path.open("ab")
+        user = self.run_as()
+        group: int | None = None
+        if user is not None:
+            import pwd
+
+            group = pwd.getpwnam(user).pw_gid  # and no supplementary groups: as a privilege drop
         self.proc = subprocess.Popen(
-            self.command(),
+            die_with_parent(self.command(), self.stop_signal),
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            user=self.run_as(),
+            user=user,
+            group=group,
+            extra_groups=None if user is None else [],
             start_new_session=True,  # Ctrl-C in the terminal reaches us, not the servers
         )
         try:
@@ -116,7 +145,7 @@ class _Server:
             self._log.close()
             self._log = None
 
-    stop_signal = signal.SIGTERM
+    stop_signal: signal.Signals = signal.SIGTERM
 
     def kill(self) -> None:
         """SIGKILL, as a crash would."""
@@ -148,6 +177,7 @@ class Mosquitto(_Server):
         self.acl_file = acl_file
         self.tls = tls
         self.tls_port = free_port() if tls else None
+        self._user: str | None = None
 
     @staticmethod
     def binary() -> str:
@@ -189,8 +219,11 @@ class Mosquitto(_Server):
         self._give_to_broker_user()
 
     def _give_to_broker_user(self) -> None:
-        # Started as root, mosquitto drops to the `mosquitto` user; without write access to its
-        # directory it cannot save sessions, and a restart would forget queued QoS 1 messages.
+        # As root, mosquitto runs as the `mosquitto` user, started as it rather than left to drop
+        # privileges itself (that would clear the parent-death signal: die_with_parent). Without
+        # write access to its directory it cannot save sessions, and a restart would forget
+        # queued QoS 1 messages.
+        self._user = None
         if os.geteuid() != 0:
             return
         try:
@@ -199,6 +232,7 @@ class Mosquitto(_Server):
             pw = pwd.getpwnam("mosquitto")
         except KeyError:
             return  # no such user: mosquitto stays root and can write anyway
+        self._user = "mosquitto"
         _make_traversable(self.dir)
         os.chown(self.dir, pw.pw_uid, pw.pw_gid)
         for path in self.dir.iterdir():
@@ -209,7 +243,7 @@ class Mosquitto(_Server):
         return [self.binary(), "-c", str(self.dir / "mosquitto.conf")]
 
     def run_as(self) -> str | None:
-        return None
+        return self._user
 
 
 class Tansu(_Server):
@@ -258,7 +292,7 @@ class Postgres(_Server):
     """
 
     name = "postgres"
-    stop_signal = signal.SIGINT  # "fast" shutdown: roll back, checkpoint, exit
+    stop_signal: signal.Signals = signal.SIGINT  # "fast" shutdown: roll back, checkpoint, exit
 
     def __init__(self, state_dir: Path, port: int | None = None) -> None:
         super().__init__(state_dir, port)

@@ -31,7 +31,13 @@ from rich.table import Table
 
 from citypulse.registry import RegistryError, dump_registry, load_registry
 from citypulse.settings import Settings
-from deploy.embedded import MOSQUITTO_HINT, EmbeddedError, EmbeddedStack, free_port
+from deploy.embedded import (
+    MOSQUITTO_HINT,
+    EmbeddedError,
+    EmbeddedStack,
+    die_with_parent,
+    free_port,
+)
 from deploy.simulator import (
     MqttTarget,
     PublishError,
@@ -88,7 +94,7 @@ class Child:
     def start(self, env: dict[str, str]) -> None:
         self.log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            self.argv,
+            die_with_parent(self.argv),  # no orphaned services if `up` is killed
             env={**env, "CITYPULSE_METRICS_PORT": str(self.metrics_port)},
             stdout=self.log,
             stderr=subprocess.STDOUT,

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from citypulse.settings import Settings
-from deploy.embedded import free_port
+from deploy.embedded import die_with_parent, free_port
 
 DATA = Path(__file__).parent / "data"
 ALERTMANAGER = "/usr/bin/prometheus-alertmanager"
@@ -44,13 +44,15 @@ def alertmanager(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Alertmana
     port = free_port()
     log = (d / "am.log").open("wb")
     proc = subprocess.Popen(
-        [
-            ALERTMANAGER,
-            f"--config.file={d / 'am.yml'}",
-            f"--storage.path={d / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            "--cluster.listen-address=",
-        ],
+        die_with_parent(
+            [
+                ALERTMANAGER,
+                f"--config.file={d / 'am.yml'}",
+                f"--storage.path={d / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--cluster.listen-address=",
+            ]
+        ),
         stdout=log,
         stderr=subprocess.STDOUT,
     )

@@ -1,0 +1,88 @@
+"""The embedded stack's servers do not outlive the process that started them."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from deploy.embedded import die_with_parent
+
+_STARTER = textwrap.dedent(
+    """
+    import json, sys, time
+    from pathlib import Path
+    from deploy.embedded import EmbeddedStack
+
+    stack = EmbeddedStack(Path(sys.argv[1]))
+    stack.start()
+    servers = (stack.mosquitto, stack.tansu, stack.postgres)
+    print(json.dumps({s.name: s.proc.pid for s in servers}), flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def _gone(pids: dict[str, int], within_s: float) -> dict[str, int]:
+    """The servers among ``pids`` still running after ``within_s`` (zombies count as gone)."""
+    deadline = time.monotonic() + within_s
+    alive = dict(pids)
+    while alive and time.monotonic() < deadline:
+        for name, pid in list(alive.items()):
+            try:
+                if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                    del alive[name]
+            except psutil.NoSuchProcess:
+                del alive[name]
+        time.sleep(0.1)
+    return alive
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(die_with_parent(["x"]) == ["x"], reason="needs Linux and util-linux setpriv")
+def test_servers_stop_when_their_starter_is_killed(tmp_path: Path) -> None:
+    """SIGKILL the process that started Mosquitto, tansu and PostgreSQL (as a CI timeout
+    would): all three stop by themselves instead of running on, orphaned, holding their ports."""
+    starter = subprocess.Popen(
+        [sys.executable, "-c", _STARTER, str(tmp_path / "stack")],
+        stdout=subprocess.PIPE,
+        cwd=Path(__file__).resolve().parents[2],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    assert starter.stdout is not None
+    pids: dict[str, int] = {}
+    try:
+        line = starter.stdout.readline()
+        assert line, "the stack did not start"
+        pids = json.loads(line)
+        assert _gone(pids, 0.5) == pids  # all three are up
+        starter.send_signal(signal.SIGKILL)
+        starter.wait(10)
+        assert _gone(pids, 20) == {}, "servers outlived the process that started them"
+    finally:
+        starter.kill()
+        starter.wait()
+        starter.stdout.close()
+        for pid in pids.values():  # do not leave them behind if the assertion failed
+            with contextlib.suppress(psutil.NoSuchProcess):
+                psutil.Process(pid).kill()
+
+
+def test_die_with_parent_is_a_no_op_off_the_main_thread() -> None:
+    """Started from a worker thread, a server would die with that thread: no signal is set."""
+
+    out: list[list[str]] = []
+    t = threading.Thread(target=lambda: out.append(die_with_parent(["mosquitto"])))
+    t.start()
+    t.join()
+    assert out == [["mosquitto"]]
