@@ -90,3 +90,41 @@ def test_bench_quick_writes_results(tmp_path: Path) -> None:
     assert results["ceilings"]["batch"]["kafka"]["produce_records_per_s"] > 0
     assert results["ceilings"]["copy"]["rows_per_s"] > 0
     assert (tmp_path / "latest.png").stat().st_size > 0
+
+
+@pytest.mark.integration
+def test_bench_quick_all_modes_each_start_on_a_fresh_broker(tmp_path: Path) -> None:
+    """`citypulse bench --quick --mode all`: every mode is measured (rates, latency at 50 %
+    with alert probes seen), and each mode after the first starts on an emptied broker with
+    fresh services (tansu's memory is back near its start, not grown by the earlier modes)."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from citypulse.cli import main; main()",
+            "bench",
+            "--quick",
+            "--mode",
+            "all",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    results = json.loads((tmp_path / "latest.json").read_text())
+    assert "error" not in results, results.get("error")
+    assert list(results["modes"]) == ["single", "batch", "senml"]
+    for name, mode in results["modes"].items():
+        assert mode["sustained_readings_per_s"] > 0, name
+        assert mode["ramp"]["drain"]["rules_backlog"] == 0, name
+        assert mode["latency"]["50%"]["stored_latency_ms"]["n"] > 0, name
+        assert mode["latency"]["50%"]["alert_latency_ms"]["n"] > 0, name
+    rss = results["rss_mb"]
+    for before, after in (("single", "batch"), ("batch", "senml")):
+        grown = rss[before]["tansu"]["end"]
+        assert rss[after]["tansu"]["start"] < grown, (before, after, rss)
+        assert rss[after]["tansu"]["end"] > rss[after]["tansu"]["start"]
