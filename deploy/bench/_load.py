@@ -291,11 +291,19 @@ class Probe:
         self.sent: dict[tuple[str, int], bool] = {}
         """(sensor, ts_ms) -> marker, of every probe, recorded just before it is published."""
         self._stop = threading.Event()
+        self._paused = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="bench-probe", daemon=True)
         self._thread.start()
+
+    def pause(self) -> None:
+        """Publish nothing until :meth:`resume` (the bench's drains wait for quiet counters)."""
+        self._paused.set()
+
+    def resume(self) -> None:
+        self._paused.clear()
 
     def stop(self) -> None:
         self._stop.set()
@@ -308,6 +316,8 @@ class Probe:
         tick = 0
         try:
             while not self._stop.wait(1.0 / self.rate_hz):
+                if self._paused.is_set():
+                    continue
                 i = tick % k
                 marker = (tick // k) % 2 == 0
                 tick += 1

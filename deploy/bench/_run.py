@@ -65,8 +65,8 @@ class BenchOptions:
     publishers: int = 3
     probes: int = 20
     probe_hz: float = 50.0
-    """Probes a second: half fire the marker alert, so a 15-s latency phase has ~200 alerts
-    and its p99 is not simply its slowest one (20/s until session 5: ~90)."""
+    """Probes a second, half of them firing the marker alert: ~200 alerts in a 15-s latency
+    phase, so its p99 is not just its slowest alert (20/s until session 5: ~90)."""
     ceiling_s: float = 8.0
     kafka_ceiling_records: int = 100_000
     copy_ceiling_rows: int = 200_000
@@ -503,9 +503,10 @@ class Bench:
             **({"rss_series_mb": rss} if rss_every_s else {}),
         }
 
-    def _drain(self, pubs: Publishers, timeout_s: float = 180.0) -> dict[str, Any]:
+    def _drain(self, pubs: Publishers, probe: Probe, timeout_s: float = 180.0) -> dict[str, Any]:
         """Stop offering; wait until every PUBACKed reading was accepted, stored and evaluated
         by the rule workers (so the next phase's alert latency is not the last one's lag).
+        The probes pause meanwhile: with probes always in flight the counters never meet.
 
         Returns:
             ``seconds`` waited, ``backlog`` readings still PUBACKed but not stored at the end
@@ -513,6 +514,13 @@ class Bench:
             yet evaluated by the rules' sensor stage, and ``drained``.
         """
         pubs.set_rate(0)
+        probe.pause()
+        try:
+            return self._wait_drained(pubs, timeout_s)
+        finally:
+            probe.resume()
+
+    def _wait_drained(self, pubs: Publishers, timeout_s: float) -> dict[str, Any]:
         t0 = time.monotonic()
         last, still = -1.0, 0.0
         stored = accepted = evaluated = 0.0
@@ -527,8 +535,8 @@ class Bench:
             evaluated = self._rules_evaluated()
             if done():
                 break
-            # Probes keep trickling in (~20 readings/s): "still" means no bulk progress for
-            # 10 s, i.e. the broker dropped messages (max_queued_messages) and they never come.
+            # "still": no progress for 10 s, i.e. the broker dropped messages
+            # (max_queued_messages) and they never come.
             progress = stored + evaluated
             if progress - last < 100:
                 still += 0.5
@@ -759,7 +767,7 @@ class Bench:
         probe.start()
         try:
             ramp = self._phase(f"{mode} ramp", pubs, o.duration_s, progress, None)
-            ramp["drain"] = self._drain(pubs)
+            ramp["drain"] = self._drain(pubs, probe)
             out["ramp"] = ramp
             top = ramp["sustained_readings_per_s"]
             out["sustained_readings_per_s"] = top
@@ -786,7 +794,7 @@ class Bench:
                     share * top,
                     rss_every_s=10.0 if kind == "soak" else 0.0,
                 )
-                ph["drain"] = self._drain(pubs)
+                ph["drain"] = self._drain(pubs, probe)
                 lo, hi = ph["steady_from_ms"] - 1, ph["end_ms"]
                 stored = [lat for at, lat in observers.data.stored_latency if lo <= at <= hi]
                 alert = [lat for at, lat in observers.data.alert_latency if lo <= at <= hi]
