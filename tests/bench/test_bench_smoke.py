@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -40,34 +41,31 @@ def test_templates_carry_ten_readings_per_batch() -> None:
             assert b"1700000000" in tpl.render(1_700_000_000_123)
 
 
+_CITYPULSE = (sys.executable, "-c", "from citypulse.cli import main; main()")
+
+
+def _bench_quick(out: Path, *args: str, timeout_s: float) -> dict[str, Any]:
+    """Run ``citypulse bench --quick --out OUT ARGS`` and return its ``latest.json``."""
+    done = subprocess.run(
+        [*_CITYPULSE, "bench", "--quick", "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results: dict[str, Any] = json.loads((out / "latest.json").read_text())
+    return results
+
+
 @pytest.mark.integration
 def test_bench_quick_writes_results(tmp_path: Path) -> None:
     """`citypulse bench --quick --mode batch --soak 12 --soak-fill 6` writes JSON with non-zero
     rates, the rule workers' evaluated rate, a memory series of the soak phase (with the growth
     after the fill period), and a plot."""
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from citypulse.cli import main; main()",
-            "bench",
-            "--quick",
-            "--mode",
-            "batch",
-            "--out",
-            str(tmp_path),
-            "--soak",
-            "12",
-            "--soak-fill",
-            "6",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+    results = _bench_quick(
+        tmp_path, "--mode", "batch", "--soak", "12", "--soak-fill", "6", timeout_s=300
     )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    results = json.loads((tmp_path / "latest.json").read_text())
     for key in ("machine", "ceilings", "modes", "ratios", "rss_mb", "timeseries"):
         assert key in results
     batch = results["modes"]["batch"]
@@ -97,25 +95,7 @@ def test_bench_quick_all_modes_each_start_on_a_fresh_broker(tmp_path: Path) -> N
     """`citypulse bench --quick --mode all`: every mode is measured (rates, latency at 50 %
     with alert probes seen), and each mode after the first starts on an emptied broker with
     fresh services (tansu's memory is back near its start, not grown by the earlier modes)."""
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from citypulse.cli import main; main()",
-            "bench",
-            "--quick",
-            "--mode",
-            "all",
-            "--out",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    results = json.loads((tmp_path / "latest.json").read_text())
+    results = _bench_quick(tmp_path, "--mode", "all", timeout_s=600)
     assert "error" not in results, results.get("error")
     assert list(results["modes"]) == ["single", "batch", "senml"]
     for name, mode in results["modes"].items():
