@@ -14,6 +14,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from citypulse.settings import Settings
+from collectors.mqtt_client import BufferedSocket
+from deploy.bench._wire import WirePublisher
 from stream import client_options
 
 
@@ -108,3 +110,40 @@ async def read_topic(
     finally:
         await consumer.stop()
     return out
+
+
+def receive_burst(client: Any, connect: tuple[str, int], publish: tuple[str, int], n: int) -> int:
+    """Publish ``n`` QoS 1 messages in one burst (plain MQTT, at ``publish``) to a ``LeanClient``
+    subscribed at ``connect``; assert they all arrive intact and in order. Returns the ``recv``
+    calls on the client's socket during the burst."""
+    topic = f"burst-{uuid.uuid4().hex[:6]}/s1"
+    got: list[bytes] = []
+    done, subscribed = threading.Event(), threading.Event()
+
+    def on_message(c: Any, u: Any, msg: Any) -> None:
+        got.append(msg.payload)
+        if len(got) == n:
+            done.set()
+
+    client.on_message = on_message
+    client.on_subscribe = lambda *a: subscribed.set()
+    client.connect(*connect)
+    client.loop_start()
+    try:
+        client.subscribe(topic, qos=1)
+        assert subscribed.wait(10)
+        sock = client.socket()
+        assert isinstance(sock, BufferedSocket)  # paho still opens its socket through us
+        reads0 = sock.reads
+        pub = WirePublisher(*publish, f"pub-{uuid.uuid4().hex[:6]}")
+        sent = [b"%06d" % i + b"x" * (i % 200) for i in range(n)]
+        for payload in sent:
+            pub.publish(topic.encode(), payload)
+        pub.close()
+        assert done.wait(20), f"{len(got)} of {n} arrived"
+        reads: int = sock.reads - reads0
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    assert got == sent
+    return reads

@@ -20,6 +20,8 @@ from collectors.mqtt_client import CHUNK, BufferedSocket, LeanClient
 from deploy.bench._wire import WirePublisher
 from deploy.embedded import EmbeddedStack
 
+from .helpers import receive_burst
+
 
 def test_small_reads_are_served_across_chunk_boundaries() -> None:
     """Reads of 1, 2 and 1,000 bytes return the stream unchanged over several 64 KiB chunks,
@@ -40,43 +42,6 @@ def test_small_reads_are_served_across_chunk_boundaries() -> None:
     assert sock.reads < len(data) // 1000
     assert sock.recv(10) == b""  # closed: paho sees the end of the stream
     b.close()
-
-
-def receive_burst(client: Any, connect: tuple[str, int], publish: tuple[str, int], n: int) -> int:
-    """Publish ``n`` QoS 1 messages in one burst (plain MQTT, at ``publish``) to a ``LeanClient``
-    subscribed at ``connect``; assert they all arrive intact and in order. Returns the ``recv``
-    calls on the client's socket during the burst."""
-    topic = f"burst-{uuid.uuid4().hex[:6]}/s1"
-    got: list[bytes] = []
-    done, subscribed = threading.Event(), threading.Event()
-
-    def on_message(c: Any, u: Any, msg: Any) -> None:
-        got.append(msg.payload)
-        if len(got) == n:
-            done.set()
-
-    client.on_message = on_message
-    client.on_subscribe = lambda *a: subscribed.set()
-    client.connect(*connect)
-    client.loop_start()
-    try:
-        client.subscribe(topic, qos=1)
-        assert subscribed.wait(10)
-        sock = client.socket()
-        assert isinstance(sock, BufferedSocket)  # paho still opens its socket through us
-        reads0 = sock.reads
-        pub = WirePublisher(*publish, f"pub-{uuid.uuid4().hex[:6]}")
-        sent = [b"%06d" % i + b"x" * (i % 200) for i in range(n)]
-        for payload in sent:
-            pub.publish(topic.encode(), payload)
-        pub.close()
-        assert done.wait(20), f"{len(got)} of {n} arrived"
-        reads: int = sock.reads - reads0
-    finally:
-        client.disconnect()
-        client.loop_stop()
-    assert got == sent
-    return reads
 
 
 @pytest.mark.integration

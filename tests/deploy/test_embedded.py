@@ -33,7 +33,7 @@ _STARTER = textwrap.dedent(
 )
 
 
-def _gone(pids: dict[str, int], within_s: float) -> dict[str, int]:
+def _alive_after(pids: dict[str, int], within_s: float) -> dict[str, int]:
     """The servers among ``pids`` still running after ``within_s`` (zombies count as gone)."""
     deadline = time.monotonic() + within_s
     alive = dict(pids)
@@ -65,10 +65,10 @@ def test_servers_stop_when_their_starter_is_killed(tmp_path: Path) -> None:
         line = starter.stdout.readline()
         assert line, "the stack did not start"
         pids = json.loads(line)
-        assert _gone(pids, 0.5) == pids  # all three are up
+        assert _alive_after(pids, 0.5) == pids  # all three are up
         starter.send_signal(signal.SIGKILL)
         starter.wait(10)
-        assert _gone(pids, 20) == {}, "servers outlived the process that started them"
+        assert _alive_after(pids, 20) == {}, "servers outlived the process that started them"
     finally:
         starter.kill()
         starter.wait()

@@ -26,8 +26,7 @@ from citypulse.settings import Settings
 from collectors.mqtt_client import LeanClient
 from collectors.service import Collector
 from deploy.embedded import Mosquitto
-from tests.collectors.helpers import MqttPeer, read_topic
-from tests.collectors.test_mqtt_client import receive_burst
+from tests.collectors.helpers import MqttPeer, read_topic, receive_burst
 from tests.faults._harness import REGISTRY_YAML
 
 pytestmark = pytest.mark.integration
