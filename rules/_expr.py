@@ -924,7 +924,8 @@ class _Compiler:
             # re-scan gives. When time goes back (late data), every member is checked.
             heap = memo.heap
             todo: Iterable[int]
-            if memo.now is None or now < memo.now:
+            full = memo.now is None or now < memo.now
+            if full:
                 todo = range(len(memo.sel))
             else:
                 todo = memo.dirty
@@ -949,9 +950,14 @@ class _Compiler:
                     vals[k] = v
                     nums[k] = 0.0 if v is None else v
                     hi = c.hi_ms
-                    vers[k], los[k], his[k] = m.version, c.lo_ms, hi
-                    if hi != _NEVER_HI:
+                    # The heap holds an entry for every member's current end of validity: a
+                    # new reading rarely moves it (a window's end moves when its oldest point
+                    # leaves), and one entry per recompute grew the heap by every reading
+                    # for a window's length (millions of entries). A full check (first
+                    # time, time went back, after an error) pushes anyway: entries may be gone.
+                    if hi != _NEVER_HI and (full or hi != his[k]):
                         heappush(heap, (hi, k))
+                    vers[k], los[k], his[k] = m.version, c.lo_ms, hi
             except BaseException:
                 memo.now = None  # not every member is up to date: check them all next time
                 raise
