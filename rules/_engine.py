@@ -122,10 +122,11 @@ class _Index:
         self.sensor_rules: dict[str, list[Rule]] = {}
         self.group_rules: dict[str, list[tuple[Rule, str]]] = {}
         self.members: dict[tuple[str, str], list[str]] = {}
-        self.group_keys: dict[str, list[tuple[str, str]]] = {}
+        self.group_keys: dict[str, tuple[str, ...]] = {}
         self.retention_ms: dict[str, int] = {}
         self.tick_sensor_rules: list[tuple[Rule, list[str]]] = []
         self.tick_group_rules: list[tuple[Rule, list[str]]] = []
+        keys: dict[str, set[str]] = {}
         for rule in ruleset.rules:
             for metric, window_s in rule.windows_s.items():
                 ms = round(window_s * 1000)
@@ -160,13 +161,10 @@ class _Index:
                 if not any(group_member(s, sel, metrics) for sel, metrics, _ in selectors):
                     continue
                 self.group_rules.setdefault(s.id, []).append((rule, g))
-                keys = self.group_keys.setdefault(s.id, [])
-                if (rule.group_by, g) not in keys:
-                    keys.append((rule.group_by, g))
+                keys.setdefault(s.id, set()).add(_group_key(rule, g))
             if rule.uses_stale:
                 self.tick_group_rules.append((rule, groups))
-        for keys in self.group_keys.values():
-            keys.sort()
+        self.group_keys = {sid: tuple(sorted(k)) for sid, k in keys.items()}
 
 
 _INDEXES: dict[tuple[int, int], tuple[RuleSet, Registry, _Index]] = {}
@@ -303,9 +301,10 @@ class RuleEngine:
                 self._eval_group(rule, key[1].partition("=")[2], now_ms, out)
         return out
 
-    def group_keys(self, batch: BatchLike) -> list[tuple[str, str]]:
-        """The ``(group_by field, group value)`` pairs whose group rules need this batch."""
-        return list(self._index.group_keys.get(batch.sensor, ()))
+    def group_keys(self, batch: BatchLike) -> tuple[str, ...]:
+        """The group keys (``"district=north"``: group_by field and value) whose group rules
+        need this batch, sorted."""
+        return self._index.group_keys.get(batch.sensor, ())
 
     def unhealthy(self) -> dict[str, str]:
         """Rules whose evaluation failed: rule name -> last error. They keep being evaluated."""

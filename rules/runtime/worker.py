@@ -443,8 +443,8 @@ class _Stage(ConsumerRebalanceListener):  # type: ignore[misc]
                     batch = decode_batch(orjson.loads(rec.value))
                     out = part.engine.process(batch, "sensor")
                     readings += self._applied(part, batch, out, effects)
-                    for fld, value in part.engine.group_keys(batch):
-                        rekeys.setdefault(f"{fld}={value}", []).append((rec.offset, rec.value))
+                    for key in part.engine.group_keys(batch):
+                        rekeys.setdefault(key, []).append((rec.offset, rec.value))
                 else:
                     key, origin, items = read_rekey(rec.value)
                     seen_key = f"{origin}|{key}"
@@ -678,6 +678,8 @@ class RuleWorker:
     async def emit(self, part: _Part, effects: Sequence[Effect]) -> None:
         """Deliver effects (maintenance applied), notify Alertmanager, re-wake quiet alerts."""
         assert self._sinks is not None
+        if not effects and not part.quiet and not (part.firing and self.maintenance.windows):
+            return  # nothing to deliver, nothing to re-wake: the common case, once per poll
         alerts = [self._maintain(part, e) for e in effects if isinstance(e, AlertEvent)]
         commands = [e for e in effects if isinstance(e, CommandEvent)]
         sinks = self._sinks

@@ -185,9 +185,9 @@ def test_group_rule_combines_sensors_and_keys_state_by_group() -> None:
         "group.max(delta(flow, 10m), silo=water)": 50.0,
         "group.min(delta(pressure, 10m), silo=water)": -2.0,
     }
-    assert eng.group_keys(batch("wtr-s-1", 0, flow=1)) == [("district", "south")]
+    assert eng.group_keys(batch("wtr-s-1", 0, flow=1)) == ("district=south",)
     # An air sensor is in district north but no group function reads it: no re-keying.
-    assert eng.group_keys(batch("air-n-1", 0, pm25=1)) == []
+    assert eng.group_keys(batch("air-n-1", 0, pm25=1)) == ()
 
 
 def test_scope_splits_sensor_and_group_rules() -> None:
