@@ -45,7 +45,7 @@ from collectors.errors import CollectorError
 from collectors.mqtt_client import LeanClient
 from collectors.ratelimit import VendorRateLimiter
 from collectors.validate import EncodedBatch, Limits, Validator, reject_notice
-from stream import ensure_topics, make_producer
+from stream import ensure_topics, make_producer, send_keyed
 
 log = logging.getLogger("citypulse.collectors")
 
@@ -262,7 +262,8 @@ class Collector:
         deadletter_topic = settings.topic("deadletter")
         now_ms = time.time_ns() // 1_000_000
         verdicts: list[EncodedBatch | Rejection] = []
-        records: list[tuple[str, bytes | None, bytes]] = []
+        readings: list[tuple[bytes, bytes]] = []
+        refused: list[tuple[bytes | None, bytes]] = []
         validate = self.validator.validate_encoded
         limiter = self.limiter
         accepted = 0
@@ -283,22 +284,21 @@ class Collector:
                     )
                 else:
                     accepted += verdict.readings
-                    records.append((readings_topic, verdict.sensor.encode(), verdict.value))
+                    readings.append((verdict.sensor.encode(), verdict.value))
                     verdicts.append(verdict)
                     continue
             verdicts.append(verdict)
             key = verdict.vendor.encode() if verdict.vendor else None
-            records.append((deadletter_topic, key, verdict.encode()))
+            refused.append((key, verdict.encode()))
         metrics.MESSAGES_RECEIVED.inc(len(batch))
 
         delay = 0.5
         while True:
             started = time.perf_counter()
             try:
-                futures = [
-                    await producer.send(topic, value=value, key=key)
-                    for topic, key, value in records
-                ]
+                futures = await send_keyed(producer, readings_topic, readings)
+                for key, value in refused:  # few: one by one (a vendorless one has no key)
+                    futures.append(await producer.send(deadletter_topic, value=value, key=key))
                 await asyncio.gather(*futures)
             except KafkaError as exc:
                 self._kafka_ok = False

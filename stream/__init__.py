@@ -7,6 +7,7 @@ from stream.kafka import (
     make_consumer,
     make_producer,
     partition_of,
+    send_keyed,
 )
 
 __all__ = [
@@ -16,4 +17,5 @@ __all__ = [
     "make_consumer",
     "make_producer",
     "partition_of",
+    "send_keyed",
 ]

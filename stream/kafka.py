@@ -11,11 +11,16 @@ import asyncio
 import contextlib
 import logging
 import ssl
+from collections.abc import Iterable
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
+from aiokafka.errors import (
+    KafkaConnectionError,
+    MessageSizeTooLargeError,
+    TopicAlreadyExistsError,
+)
 from aiokafka.partitioner import DefaultPartitioner
 
 from citypulse.settings import Settings
@@ -76,6 +81,46 @@ _PARTITIONER = CachedPartitioner()
 def partition_of(key: str, partitions: int) -> int:
     """The partition a record keyed ``key`` goes to: what every citypulse producer picks."""
     return _PARTITIONER.index(key.encode(), partitions)
+
+
+async def send_keyed(
+    producer: AIOKafkaProducer, topic: str, records: Iterable[tuple[bytes, bytes]]
+) -> list[asyncio.Future[Any]]:
+    """Queue ``(key, value)`` records as record batches, one per partition (the one the default
+    partitioner picks for the key, as :meth:`~aiokafka.AIOKafkaProducer.send` would), in order.
+
+    ``send`` costs a coroutine, a future and a trip through the accumulator per record (~10 us
+    in Python): the collector's largest cost after MQTT. Batches are closed when queued (no
+    linger: the caller has handed over everything it has).
+
+    Returns:
+        One future per record batch; all resolved = every record acknowledged.
+    """
+    partitions = sorted(await producer.partitions_for(topic))
+    n = len(partitions)
+    index = _PARTITIONER.index
+    open_: dict[int, Any] = {}
+    futures: list[asyncio.Future[Any]] = []
+
+    async def submit(p: int) -> None:
+        batch = open_.pop(p)
+        batch.close()
+        futures.append(await producer.send_batch(batch, topic, partition=partitions[p]))
+
+    for key, value in records:
+        p = index(key, n)
+        batch = open_.get(p)
+        if batch is None:
+            batch = open_[p] = producer.create_batch()
+        if batch.append(key=key, value=value, timestamp=None) is None:
+            # Full (``max_batch_size``): queue it and start the partition's next batch.
+            await submit(p)
+            batch = open_[p] = producer.create_batch()
+            if batch.append(key=key, value=value, timestamp=None) is None:
+                raise MessageSizeTooLargeError(f"a record of {len(value)} bytes for {topic}")
+    for p in list(open_):
+        await submit(p)
+    return futures
 
 
 def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
