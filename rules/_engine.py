@@ -123,16 +123,17 @@ class _Index:
         self.group_rules: dict[str, list[tuple[Rule, str]]] = {}
         self.members: dict[tuple[str, str], list[str]] = {}
         self.group_keys: dict[str, tuple[str, ...]] = {}
-        self.retention_ms: dict[str, int] = {}
+        # Per scope: metric -> how long its points are kept (the longest window reading it).
+        self.retention_ms: dict[EvalScope, dict[str, int]] = {"sensor": {}, "group": {}, "all": {}}
         self.tick_sensor_rules: list[tuple[Rule, list[str]]] = []
         self.tick_group_rules: list[tuple[Rule, list[str]]] = []
         keys: dict[str, set[str]] = {}
         for rule in ruleset.rules:
-            for metric, window_s in rule.windows_s.items():
-                ms = round(window_s * 1000)
-                self.retention_ms[metric] = max(self.retention_ms.get(metric, 0), ms)
-            if rule.action is not None:
-                self.retention_ms.setdefault(rule.action.command.setting, 0)
+            for keep in (self.retention_ms["all"], self.retention_ms[rule.scope]):
+                for metric, window_s in rule.windows_s.items():
+                    keep[metric] = max(keep.get(metric, 0), round(window_s * 1000))
+                if rule.action is not None:
+                    keep.setdefault(rule.action.command.setting, 0)
             covered = [s for s in registry if rule.covers(s)]
             if rule.scope == "sensor":
                 for s in covered:
@@ -196,6 +197,9 @@ class RuleEngine:
             when time passes (:meth:`advance`); default all. The runtime runs one engine per
             partition, and only the partition a key hashes to sees its readings, so only
             that one ticks its staleness: the others would tick it for nothing.
+        scope: the rules this engine evaluates (``"sensor"``, ``"group"`` or ``"all"``): it
+            keeps windows only for the metrics those rules read, so the runtime's two stages
+            do not both hold every window. :meth:`process` and :meth:`advance` default to it.
     """
 
     def __init__(
@@ -203,7 +207,9 @@ class RuleEngine:
         ruleset: RuleSet,
         registry: Registry,
         owns: Callable[[str], bool] | None = None,
+        scope: EvalScope = "all",
     ) -> None:
+        self._scope: EvalScope = scope
         self._ruleset = ruleset
         self._registry = registry
         self._owns = owns
@@ -227,21 +233,23 @@ class RuleEngine:
     def ruleset(self) -> RuleSet:
         return self._ruleset
 
-    def process(self, batch: BatchLike, scope: EvalScope = "all") -> list[Effect]:
+    def process(self, batch: BatchLike, scope: EvalScope | None = None) -> list[Effect]:
         """Add a batch's readings to the windows and evaluate the rules they can affect.
 
         Args:
             batch: readings of one sensor; evaluation time is its latest reading's event time.
             scope: ``"sensor"`` evaluates only per-sensor rules, ``"group"`` only group rules
-                (the runtime's two stages), ``"all"`` both. Windows are updated in every case.
+                (the runtime's two stages), ``"all"`` both; default the engine's scope, and
+                never wider (its windows hold only its rules' metrics).
 
         Returns:
             Alert state changes and commands, in a deterministic order.
         """
+        scope = self._within(scope)
         st = self._states.get(batch.sensor)
         if st is None or not batch.readings:
             return []
-        retention = self._index.retention_ms
+        retention = self._index.retention_ms[self._scope]
         touched: set[str] = set()
         now = batch.readings[0].ts_ms
         for r in batch.readings:
@@ -271,12 +279,13 @@ class RuleEngine:
                     self._eval_group(rule, g, now, out)
         return out
 
-    def advance(self, now_ms: int, scope: EvalScope = "all") -> list[Effect]:
+    def advance(self, now_ms: int, scope: EvalScope | None = None) -> list[Effect]:
         """Let time pass to ``now_ms`` (epoch ms): staleness, ``for`` and ``keep_firing_for``.
 
         Re-evaluates every pending or firing alert and every rule that uses ``stale()`` (of
         the keys this engine owns, and of ``scope`` as in :meth:`process`).
         """
+        scope = self._within(scope)
         self._clock(now_ms)
         out: list[Effect] = []
         done: set[tuple[str, str]] = set()
@@ -300,6 +309,13 @@ class RuleEngine:
             else:
                 self._eval_group(rule, key[1].partition("=")[2], now_ms, out)
         return out
+
+    def _within(self, scope: EvalScope | None) -> EvalScope:
+        if scope is None:
+            return self._scope
+        if self._scope != "all" and scope != self._scope:
+            raise ValueError(f"a {self._scope!r} engine cannot evaluate scope {scope!r}")
+        return scope
 
     def group_keys(self, batch: BatchLike) -> tuple[str, ...]:
         """The group keys (``"district=north"``: group_by field and value) whose group rules
@@ -415,9 +431,10 @@ class RuleEngine:
                 for sid, seen in doc["seen"].items():
                     if sid in states:
                         states[sid].last_seen_ms = int(seen)
+                keep = self._index.retention_ms[self._scope]
                 for sid, metric, *head in doc["series"]:
                     series, pos = Series.load(head, data, pos)
-                    if sid in states:
+                    if sid in states and metric in keep:
                         states[sid].series[metric] = series
             else:
                 doc = _versioned(orjson.loads(blob), 1)
@@ -426,7 +443,10 @@ class RuleEngine:
                     if st is None:
                         continue
                     st.last_seen_ms = d["last_seen_ms"]
+                    keep = self._index.retention_ms[self._scope]
                     for metric, (ts, vals) in d["series"].items():
+                        if metric not in keep:
+                            continue
                         series = Series()
                         series.restore([int(t) for t in ts], [float(v) for v in vals], 0.0, 0)
                         st.series[metric] = series

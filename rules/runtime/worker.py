@@ -25,7 +25,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import asyncpg
 import orjson
@@ -57,6 +57,7 @@ from stream import ensure_topics, make_consumer, make_producer, partition_of
 log = logging.getLogger("citypulse.rules.runtime")
 
 Effect = AlertEvent | CommandEvent
+StageName = Literal["sensor", "group"]
 
 
 def wall_ms() -> int:
@@ -329,7 +330,7 @@ def owned_effects(
 class _Stage(ConsumerRebalanceListener):  # type: ignore[misc]
     """One consumer-group stage with one engine per assigned partition."""
 
-    def __init__(self, worker: RuleWorker, name: str, topic: str, group_id: str) -> None:
+    def __init__(self, worker: RuleWorker, name: StageName, topic: str, group_id: str) -> None:
         self.w = worker
         self.name = name
         self.topic = topic
@@ -366,7 +367,7 @@ class _Stage(ConsumerRebalanceListener):  # type: ignore[misc]
                 self.w.settings, (f"{self.name}:{tp.partition}" for tp in new)
             )
             for tp in new:
-                engine = self.w.new_engine(self._owner(tp.partition))
+                engine = self.w.new_engine(self._owner(tp.partition), self.name)
                 snap = snaps.get(f"{self.name}:{tp.partition}")
                 part = _Part(tp.partition, engine)
                 if snap is not None:
@@ -669,10 +670,12 @@ class RuleWorker:
     def maintenance(self) -> Maintenance:
         return self.loaded.maintenance
 
-    def new_engine(self, owns: Callable[[str], bool] | None = None) -> Any:
+    def new_engine(
+        self, owns: Callable[[str], bool] | None = None, scope: StageName | None = None
+    ) -> Any:
         from rules import RuleEngine
 
-        return RuleEngine(self.loaded.ruleset, self.registry, owns)
+        return RuleEngine(self.loaded.ruleset, self.registry, owns, scope or "all")
 
     # -- effects ------------------------------------------------------------------------------
     async def emit(self, part: _Part, effects: Sequence[Effect]) -> None:
@@ -850,57 +853,65 @@ class RuleWorker:
         """Consume until ``stop`` is set; then checkpoint, commit and close everything."""
         await ensure_topics(self.settings)
         await ensure_runtime_topics(self.settings)
-        pool = await asyncpg.create_pool(self.settings.dsn, min_size=1, max_size=4)
-        # Snapshots share this producer: let one record be as large as the state topic allows.
-        self._producer = make_producer(self.settings, max_request_size=STATE_MAX_BYTES)
-        await self._producer.start()
-        # Alert events and commands are few, and a poll waits for their acks before the next
-        # one: no linger for them. With the re-key producer's linger (25 ms on the embedded
-        # stack) every poll carrying an alert stalled the stage, and at 50 state changes a
-        # second the bench's median publish -> alert went from ~100 to ~250 ms.
-        sink_producer = make_producer(self.settings, linger_ms=0)
-        await sink_producer.start()
-        mqtt = MqttPublisher(self.settings)
-        await mqtt.start()
-        self._sinks = Sinks(self.settings, sink_producer, pool, mqtt)
-        HEALTH.add("rules-stages", lambda: all(s.running for s in self.stages))
-        HEALTH.add("rules-mqtt", mqtt.connected)
-        HEALTH.add("rules-sinks", lambda: self.sink_ok)
-        loop = asyncio.get_running_loop()
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(signal.SIGHUP, self.request_reload)
-        log.info(
-            "rules worker started",
-            extra={
-                "rules": str(self.source.path),
-                "fingerprint": self.loaded.fingerprint[:12],
-                "settings": self.settings.redacted(),
-            },
-        )
-        try:
-            async with asyncio.TaskGroup() as tg:
-                inner = asyncio.Event()
-
-                async def watch() -> None:
-                    await stop.wait()
-                    inner.set()
-                    self._reload.set()  # wakes a reloader waiting for SIGHUP only
-
-                tg.create_task(watch(), name="rules-stop")
-                for stage in self.stages:
-                    tg.create_task(_until(stage.run(inner), inner), name=f"rules-{stage.name}")
-                tg.create_task(self._reloader(inner), name="rules-reload")
-                if self.options.tick_s > 0:
-                    tg.create_task(self._ticker(inner), name="rules-ticker")
-                else:
-                    tg.create_task(self._resender(inner), name="rules-resend")
-        finally:
+        async with contextlib.AsyncExitStack() as resources:
+            # Each resource is closed on the way out, also when a later one fails to start.
+            pool = await asyncpg.create_pool(self.settings.dsn, min_size=1, max_size=4)
+            resources.push_async_callback(pool.close)
+            # Snapshots share this producer: one record may be as large as the state topic allows.
+            self._producer = make_producer(self.settings, max_request_size=STATE_MAX_BYTES)
+            await self._producer.start()
+            resources.push_async_callback(self._producer.stop)
+            # Alert events and commands are few, and a poll waits for their acks before the
+            # next one: no linger for them. With the re-key producer's linger (25 ms on the
+            # embedded stack) every poll carrying an alert stalled the stage, and at 50 state
+            # changes a second the bench's median publish -> alert went from ~100 to ~250 ms.
+            sink_producer = make_producer(self.settings, linger_ms=0)
+            await sink_producer.start()
+            resources.push_async_callback(sink_producer.stop)
+            mqtt = MqttPublisher(self.settings)
+            await mqtt.start()
+            resources.push_async_callback(mqtt.stop)
+            self._sinks = Sinks(self.settings, sink_producer, pool, mqtt)
+            HEALTH.add("rules-stages", lambda: all(s.running for s in self.stages))
+            HEALTH.add("rules-mqtt", mqtt.connected)
+            HEALTH.add("rules-sinks", lambda: self.sink_ok)
+            loop = asyncio.get_running_loop()
             with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.remove_signal_handler(signal.SIGHUP)
-            await mqtt.stop()
-            await sink_producer.stop()
-            await self._producer.stop()
-            await pool.close()
+                loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+            resources.callback(_remove_sighup, loop)
+            log.info(
+                "rules worker started",
+                extra={
+                    "rules": str(self.source.path),
+                    "fingerprint": self.loaded.fingerprint[:12],
+                    "settings": self.settings.redacted(),
+                },
+            )
+            await self._serve(stop)
+
+    async def _serve(self, stop: asyncio.Event) -> None:
+        """The stages, the reloader and the ticker (or re-sender), until ``stop`` or a failure."""
+        async with asyncio.TaskGroup() as tg:
+            inner = asyncio.Event()
+
+            async def watch() -> None:
+                await stop.wait()
+                inner.set()
+                self._reload.set()  # wakes a reloader waiting for SIGHUP only
+
+            tg.create_task(watch(), name="rules-stop")
+            for stage in self.stages:
+                tg.create_task(_until(stage.run(inner), inner), name=f"rules-{stage.name}")
+            tg.create_task(self._reloader(inner), name="rules-reload")
+            if self.options.tick_s > 0:
+                tg.create_task(self._ticker(inner), name="rules-ticker")
+            else:
+                tg.create_task(self._resender(inner), name="rules-resend")
+
+
+def _remove_sighup(loop: asyncio.AbstractEventLoop) -> None:
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        loop.remove_signal_handler(signal.SIGHUP)
 
 
 async def _until(coro: Any, inner: asyncio.Event) -> None:

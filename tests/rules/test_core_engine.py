@@ -202,6 +202,50 @@ def test_scope_splits_sensor_and_group_rules() -> None:
     assert {e.rule for e in got} == {"Leak"}
 
 
+SURGE = """
+- name: Surge
+  select: {silo: energy}
+  expr: avg(power, 5m) > 100
+"""
+
+
+def _held(engine: RuleEngine) -> dict[str, int]:
+    """metric -> points the engine holds, over all sensors."""
+    out: dict[str, int] = {}
+    for st in engine._states.values():
+        for metric, series in st.series.items():
+            out[metric] = out.get(metric, 0) + len(series.ts)
+    return out
+
+
+def test_stage_engines_hold_only_their_windows_and_raise_what_one_engine_does() -> None:
+    """The runtime's stages each run an engine scoped to their rules: the sensor stage's keeps
+    no flow (only the group rule reads it) and one pressure point (its rule reads the latest),
+    the group stage's no power; together they raise exactly what one engine raises."""
+    rs = ruleset(LOW.replace("for: 2m", "for: 1m") + LEAK + SURGE)
+    one = RuleEngine(rs, REG)
+    sensor, group = RuleEngine(rs, REG, scope="sensor"), RuleEngine(rs, REG, scope="group")
+    want, got = [], []
+    for m in range(16):
+        t = m * MIN
+        for b in (
+            batch("wtr-n-1", t, pressure=5 if m < 6 else 1.5, flow=100),
+            batch("wtr-n-2", t + 1, pressure=4, flow=100 if m < 6 else 150),
+            batch("nrg-n-1", t + 2, power=50 if m < 4 or m > 10 else 200),
+        ):
+            want += one.process(b)
+            got += [*sensor.process(b), *group.process(b)]
+    assert {e.rule for e in want} == {"Low", "Leak", "Surge"}
+    assert sorted(e.encode() for e in got) == sorted(e.encode() for e in want)
+    assert _held(sensor) == {"pressure": 2, "power": 5}  # latest pressure, 5 min of power
+    assert _held(group) == {"pressure": 20, "flow": 20}  # 10 minutes of 2 sensors
+    with pytest.raises(ValueError, match="cannot evaluate"):
+        sensor.process(batch("wtr-n-1", 16 * MIN, pressure=1), "all")
+    restored = RuleEngine(rs, REG, scope="sensor")
+    restored.restore(one.snapshot())  # an unscoped snapshot: what the stage needs is kept
+    assert set(_held(restored)) == {"pressure", "power"}
+
+
 DIM = """
 - name: Dim
   group_by: district

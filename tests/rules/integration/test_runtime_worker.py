@@ -231,3 +231,29 @@ async def test_database_outage_delays_alerts_without_losing_them(rt_settings: Se
 
 async def _health(health: Any, name: str) -> bool:
     return bool(health.status()[name])
+
+
+async def test_start_failure_reports_the_cause_and_closes_what_was_opened(
+    rt_settings: Settings,
+) -> None:
+    """MQTT (for commands) refuses the connection: ``run`` fails with that error, and the
+    database pool and both Kafka producers opened before it are closed, not left behind."""
+    import gc
+    import warnings
+
+    from deploy.embedded import free_port
+    from rules.runtime import RuleWorker
+
+    settings = rt_settings.model_copy(update={"mqtt_url": f"mqtt://127.0.0.1:{free_port()}"})
+    worker = RuleWorker(settings)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ConnectionRefusedError):
+            await worker.run(asyncio.Event())
+        producer = worker._producer
+        del worker
+        gc.collect()
+    assert producer is not None
+    assert producer._closed  # stopped; its sink twin and the pool warn below if not
+    unclosed = [str(w.message) for w in caught if "nclosed" in str(w.message)]
+    assert unclosed == []
