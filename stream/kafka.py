@@ -16,11 +16,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import (
-    KafkaConnectionError,
-    MessageSizeTooLargeError,
-    TopicAlreadyExistsError,
-)
+from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
 from aiokafka.partitioner import DefaultPartitioner
 
 from citypulse.settings import Settings
@@ -113,11 +109,11 @@ async def send_keyed(
         if batch is None:
             batch = open_[p] = producer.create_batch()
         if batch.append(key=key, value=value, timestamp=None) is None:
-            # Full (``max_batch_size``): queue it and start the partition's next batch.
+            # Full (``max_batch_size``): queue it and start the partition's next batch, which
+            # takes any record (an empty batch always accepts its first).
             await submit(p)
             batch = open_[p] = producer.create_batch()
-            if batch.append(key=key, value=value, timestamp=None) is None:
-                raise MessageSizeTooLargeError(f"a record of {len(value)} bytes for {topic}")
+            batch.append(key=key, value=value, timestamp=None)
     for p in list(open_):
         await submit(p)
     return futures
