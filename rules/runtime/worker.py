@@ -353,6 +353,7 @@ class _Stage(ConsumerRebalanceListener):  # type: ignore[misc]
             await self._checkpoint(mine, force=True)
             for tp in revoked:
                 self.parts.pop(tp.partition, None)
+            self.w.count_alerts()  # polls without effects no longer refresh the gauges
             gc.unfreeze()  # the dropped engines are cyclic: let the collector have them
         log.info("partitions revoked", extra={"stage": self.name, "partitions": len(revoked)})
 
@@ -382,6 +383,7 @@ class _Stage(ConsumerRebalanceListener):  # type: ignore[misc]
                     part.seen = snap.seen
                     self.consumer.seek(tp, snap.offset)
                 self.parts[tp.partition] = part
+            self.w.count_alerts()
             settle_heap()  # engines live until revocation: keep full collections off them
             log.info(
                 "partitions assigned",
@@ -693,6 +695,10 @@ class RuleWorker:
             a for a in alerts if a.notify and a.state in (AlertState.FIRING, AlertState.RESOLVED)
         ]
         await self.notify([*to_send, *wake])
+        self.count_alerts()
+
+    def count_alerts(self) -> None:
+        """Set the alert gauges from the partitions this worker holds now."""
         metrics.ALERTS.labels("firing").set(
             sum(len(p.firing) for s in self.stages for p in s.parts.values())
         )

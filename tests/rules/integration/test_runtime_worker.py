@@ -257,3 +257,23 @@ async def test_start_failure_reports_the_cause_and_closes_what_was_opened(
     assert producer._closed  # stopped; its sink twin and the pool warn below if not
     unclosed = [str(w.message) for w in caught if "nclosed" in str(w.message)]
     assert unclosed == []
+
+
+async def test_alert_gauge_counts_restored_alerts_at_once(rt_settings: Settings) -> None:
+    """``citypulse_rules_alerts{state="firing"}`` counts the firing alerts of the partitions
+    a worker holds: a restarted worker reports the ones it restored from its snapshot as soon
+    as it owns the partitions, before any new reading arrives (a poll without effects does
+    not refresh the gauge)."""
+    from rules.runtime import metrics
+
+    async def gauge() -> float:
+        return _metric("citypulse_rules_alerts", state="firing")
+
+    t0 = time.time_ns() // 1_000_000 - 60_000
+    async with running_worker(rt_settings):
+        await produce(rt_settings, batch("wtr-0001", t0, pressure=1.2))
+        await eventually(lambda: alert_rows(rt_settings), lambda r: firing(r, "WaterLowPressure"))
+        held = await eventually(gauge, lambda v: v >= 1)
+    metrics.ALERTS.labels("firing").set(0)  # as in a new process
+    async with running_worker(rt_settings):
+        assert await gauge() == held
