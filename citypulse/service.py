@@ -2,8 +2,8 @@
 
 A service is an object with ``async run(stop: asyncio.Event)``; :func:`run_service` builds the
 stop event from SIGTERM/SIGINT, serves Prometheus metrics, and returns the exit code (0 on a
-clean stop). ``/healthz`` answers while the process lives; ``/readyz`` answers 200 only when
-every readiness check registered with :class:`Health` passes.
+clean stop). ``/healthz`` answers while the process lives; ``/readyz`` answers 200 only once
+the service has registered its readiness checks with :class:`Health` and every one passes.
 """
 
 from __future__ import annotations
@@ -46,7 +46,16 @@ class Health:
         return out
 
     def ready(self) -> bool:
-        return all(self.status().values())
+        """Every check passes, and there is one: a service registers its checks as it starts
+        (the collector only after creating topics and starting its producer), and until then it
+        is starting, not ready. An empty set once answered ready: a publisher waiting for the
+        collector's /readyz could publish before its MQTT subscription existed, and the broker
+        dropped those messages (no subscriber yet)."""
+        return _all_ready(self.status())
+
+
+def _all_ready(status: dict[str, bool]) -> bool:
+    return bool(status) and all(status.values())
 
 
 HEALTH = Health()
@@ -60,9 +69,9 @@ class _Handler(BaseHTTPRequestHandler):
             body, ctype, code = b"ok\n", "text/plain", 200
         elif self.path.startswith("/readyz"):
             status = HEALTH.status()
-            ok = all(status.values())
+            ok = _all_ready(status)
             lines = "".join(f"{k} {'ok' if v else 'not ready'}\n" for k, v in status.items())
-            body, ctype, code = lines.encode() or b"ok\n", "text/plain", 200 if ok else 503
+            body, ctype, code = lines.encode() or b"starting\n", "text/plain", 200 if ok else 503
         else:
             body, ctype, code = b"not found\n", "text/plain", 404
         self.send_response(code)

@@ -125,5 +125,9 @@ async def test_sigkill_mid_stream_loses_nothing(
             proc.wait(20)
     assert proc.returncode == 0, log.read_text()[-2000:]
     distinct = _distinct(records)
-    assert len(distinct) == N, f"{len(distinct)} of {N} distinct readings, {len(records)} records"
+    missing = sorted(set(range(N)) - {ts - base for _, _, ts in distinct})
+    assert len(distinct) == N, (
+        f"{len(distinct)} of {N} distinct readings, {len(records)} records; missing messages "
+        f"{missing} (killed after message {N // 3})\n{log.read_text()[-3000:]}"
+    )
     assert all(k == ReadingBatch.decode(v).sensor.encode() for k, v in records)
