@@ -422,6 +422,7 @@ class RuleEngine:
         Raises:
             RuleStateError: the blob is not a snapshot this version understands.
         """
+        keep = self._index.retention_ms[self._scope]  # the metrics this engine's rules read
         try:
             states = {s.id: SensorState(s) for s in self._registry}
             if blob[:4] == _MAGIC:
@@ -431,7 +432,6 @@ class RuleEngine:
                 for sid, seen in doc["seen"].items():
                     if sid in states:
                         states[sid].last_seen_ms = int(seen)
-                keep = self._index.retention_ms[self._scope]
                 for sid, metric, *head in doc["series"]:
                     series, pos = Series.load(head, data, pos)
                     if sid in states and metric in keep:
@@ -443,7 +443,6 @@ class RuleEngine:
                     if st is None:
                         continue
                     st.last_seen_ms = d["last_seen_ms"]
-                    keep = self._index.retention_ms[self._scope]
                     for metric, (ts, vals) in d["series"].items():
                         if metric not in keep:
                             continue
