@@ -175,6 +175,12 @@ def bench(
         float | None,
         typer.Option(help="seconds at 50 % before the soak (windows fill); default: longest"),
     ] = None,
+    group_interval: Annotated[
+        float,
+        typer.Option(
+            help="evaluation interval of the cross-sensor rules, seconds; 0 = per reading"
+        ),
+    ] = 1.0,
 ) -> None:
     """End-to-end benchmark on the embedded stack: throughput, latency, CPU, raw ceilings."""
     from deploy.bench._cmd import run_bench_cmd
@@ -193,5 +199,6 @@ def bench(
             quick=quick,
             soak_s=soak,
             soak_fill_s=soak_fill,
+            group_interval_s=group_interval,
         )
     )

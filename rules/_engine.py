@@ -26,6 +26,11 @@ log = logging.getLogger("citypulse.rules")
 SNAPSHOT_VERSION = 2
 _MAGIC = b"CPE2"
 EvalScope = Literal["sensor", "group", "all"]
+GROUP_LATENESS_MS = 30_000
+"""Group rules' metrics are kept this much longer than their windows: the runtime's group
+stage gets a batch once per group key, and one key's batches can be evaluated after another
+key's later ones were added (re-key records of several keys and origins interleave); within
+this lag a member's value at the evaluation time is still there."""
 Effect = AlertEvent | CommandEvent
 
 
@@ -121,6 +126,9 @@ class _Index:
         self.sensors: dict[str, Sensor] = registry.by_id()
         self.sensor_rules: dict[str, list[Rule]] = {}
         self.group_rules: dict[str, list[tuple[Rule, str]]] = {}
+        # (sensor id, group key) -> the sensor's group rules of that one key (the runtime's
+        # group stage gets a batch once per key, and evaluates only that key's rules).
+        self.keyed_group_rules: dict[tuple[str, str], list[tuple[Rule, str]]] = {}
         self.members: dict[tuple[str, str], list[str]] = {}
         self.group_keys: dict[str, tuple[str, ...]] = {}
         # Per scope: metric -> how long its points are kept (the longest window reading it).
@@ -129,9 +137,10 @@ class _Index:
         self.tick_group_rules: list[tuple[Rule, list[str]]] = []
         keys: dict[str, set[str]] = {}
         for rule in ruleset.rules:
+            late = GROUP_LATENESS_MS if rule.scope == "group" else 0
             for keep in (self.retention_ms["all"], self.retention_ms[rule.scope]):
                 for metric, window_s in rule.windows_s.items():
-                    keep[metric] = max(keep.get(metric, 0), round(window_s * 1000))
+                    keep[metric] = max(keep.get(metric, 0), round(window_s * 1000) + late)
                 if rule.action is not None:
                     keep.setdefault(rule.action.command.setting, 0)
             covered = [s for s in registry if rule.covers(s)]
@@ -162,7 +171,9 @@ class _Index:
                 if not any(group_member(s, sel, metrics) for sel, metrics, _ in selectors):
                     continue
                 self.group_rules.setdefault(s.id, []).append((rule, g))
-                keys.setdefault(s.id, set()).add(_group_key(rule, g))
+                gkey = _group_key(rule, g)
+                self.keyed_group_rules.setdefault((s.id, gkey), []).append((rule, g))
+                keys.setdefault(s.id, set()).add(gkey)
             if rule.uses_stale:
                 self.tick_group_rules.append((rule, groups))
         self.group_keys = {sid: tuple(sorted(k)) for sid, k in keys.items()}
@@ -222,6 +233,9 @@ class RuleEngine:
         # pending): a late reading must not start that alert again in its past.
         self._ended: dict[tuple[str, str], int] = {}
         self._commands: dict[tuple[str, str, str], _CommandState] = {}
+        # Group rules with an evaluation interval: (rule, group value) -> (end of the
+        # interval, event time of the evaluation due: the group's latest reading in it).
+        self._pending: dict[tuple[str, str], tuple[int, int]] = {}
         self._unhealthy: dict[str, str] = {}
         self._epoch_ms: int | None = None
         self._ctx = Ctx()
@@ -233,14 +247,24 @@ class RuleEngine:
     def ruleset(self) -> RuleSet:
         return self._ruleset
 
-    def process(self, batch: BatchLike, scope: EvalScope | None = None) -> list[Effect]:
+    def process(
+        self, batch: BatchLike, scope: EvalScope | None = None, key: str | None = None
+    ) -> list[Effect]:
         """Add a batch's readings to the windows and evaluate the rules they can affect.
+
+        A group rule with an evaluation interval is not evaluated here but marked due: it is
+        evaluated once per interval of event time, as of its group's latest reading in that
+        interval, when the group's first reading past the interval's end arrives (before that
+        reading counts) or time passes the end (:meth:`advance`). It depends on the order of
+        the group's own readings only, not on other groups' or on how the input was cut.
 
         Args:
             batch: readings of one sensor; evaluation time is its latest reading's event time.
             scope: ``"sensor"`` evaluates only per-sensor rules, ``"group"`` only group rules
                 (the runtime's two stages), ``"all"`` both; default the engine's scope, and
                 never wider (its windows hold only its rules' metrics).
+            key: only the group rules of this group key (``"district=north"``); default all
+                the sensor's groups.
 
         Returns:
             Alert state changes and commands, in a deterministic order.
@@ -249,11 +273,22 @@ class RuleEngine:
         st = self._states.get(batch.sensor)
         if st is None or not batch.readings:
             return []
+        now = max(r.ts_ms for r in batch.readings)
+        out: list[Effect] = []
+        groups: Sequence[tuple[Rule, str]] = ()
+        if scope != "sensor":
+            index = self._index
+            sid = st.sensor.id
+            groups = (
+                index.group_rules.get(sid, ())
+                if key is None
+                else index.keyed_group_rules.get((sid, key), ())
+            )
+            if groups and self._pending:
+                self._flush(groups, now, out)  # before this reading counts
         retention = self._index.retention_ms[self._scope]
         touched: set[str] = set()
-        now = batch.readings[0].ts_ms
         for r in batch.readings:
-            now = max(now, r.ts_ms)
             keep = retention.get(r.metric)
             if keep is None:
                 continue  # no rule reads it: keep nothing
@@ -268,14 +303,15 @@ class RuleEngine:
         self._clock(now)
         if st.last_seen_ms is None or now > st.last_seen_ms:
             st.last_seen_ms = now
-        out: list[Effect] = []
         if scope != "group":
             for rule in self._index.sensor_rules.get(st.sensor.id, ()):
                 if rule.uses_stale or not rule.metrics or not rule.metrics.isdisjoint(touched):
                     self._eval_sensor(rule, st, now, out)
-        if scope != "sensor":
-            for rule, g in self._index.group_rules.get(st.sensor.id, ()):
-                if rule.uses_stale or not touched.isdisjoint(rule.windows_s):
+        for rule, g in groups:
+            if rule.uses_stale or not touched.isdisjoint(rule.windows_s):
+                if rule.interval_ms:
+                    self._defer(rule, g, now)
+                else:
                     self._eval_group(rule, g, now, out)
         return out
 
@@ -288,6 +324,12 @@ class RuleEngine:
         scope = self._within(scope)
         self._clock(now_ms)
         out: list[Effect] = []
+        if scope != "sensor" and self._pending:
+            due = sorted((end, k) for k, (end, _) in self._pending.items() if end <= now_ms)
+            by_name = self._ruleset.by_name
+            for _, (name, g) in due:
+                ts = self._pending.pop((name, g))[1]
+                self._eval_group(by_name[name], g, ts, out)
         done: set[tuple[str, str]] = set()
         if scope != "group":
             for rule, sensor_ids in self._tick_sensor:
@@ -368,6 +410,7 @@ class RuleEngine:
             if ruleset.by_name[k[0]].scope == "group" or k[1] in self._states
         }
         self._commands = {k: v for k, v in self._commands.items() if k[0] in keep}
+        self._schedule({k: p[1] for k, p in self._pending.items() if k[0] in keep})
         self._unhealthy = {k: v for k, v in self._unhealthy.items() if k in keep}
 
     def snapshot(self) -> bytes:
@@ -408,6 +451,10 @@ class RuleEngine:
                 | {"last_value": c.last_value, "last_ts": c.last_ts}
                 | {"last_suppressed": c.last_suppressed}
                 for k, c in sorted(self._commands.items())
+            ],
+            "pending": [
+                {"rule": k[0], "group": k[1], "digest": by_name[k[0]].digest, "ts_ms": p[1]}
+                for k, p in sorted(self._pending.items())
             ],
             "unhealthy": self._unhealthy,
         }
@@ -466,6 +513,11 @@ class RuleEngine:
                 if rule.scope == "sensor" and d["key"] not in states:
                     continue
                 ended[(d["rule"], d["key"])] = int(d["ts_ms"])
+            pending: dict[tuple[str, str], int] = {}
+            for d in doc.get("pending", ()):  # absent in older snapshots
+                rule = by_name.get(d["rule"])
+                if rule is not None and rule.digest == d["digest"]:
+                    pending[(d["rule"], str(d["group"]))] = int(d["ts_ms"])
             commands: dict[tuple[str, str, str], _CommandState] = {}
             for d in doc["commands"]:
                 rule = by_name.get(d["rule"])
@@ -481,6 +533,7 @@ class RuleEngine:
         self._alerts = alerts
         self._ended = ended
         self._commands = commands
+        self._schedule(pending)
         self._epoch_ms = doc["epoch_ms"]
         self._unhealthy = {k: v for k, v in doc["unhealthy"].items() if k in by_name}
 
@@ -513,6 +566,35 @@ class RuleEngine:
         self._member_states = {
             key: [self._states[sid] for sid in sids] for key, sids in self._index.members.items()
         }
+
+    def _defer(self, rule: Rule, g: str, now: int) -> None:
+        """Mark a group rule with an interval due at the end of ``now``'s interval."""
+        k = (rule.name, g)
+        p = self._pending.get(k)
+        if p is None:
+            self._pending[k] = ((now // rule.interval_ms + 1) * rule.interval_ms, now)
+        elif now > p[1]:
+            self._pending[k] = (p[0], now)
+
+    def _flush(self, groups: Sequence[tuple[Rule, str]], now: int, out: list[Effect]) -> None:
+        """Evaluate the deferred rules of these groups whose interval ended at or before
+        ``now``."""
+        pending = self._pending
+        for rule, g in groups:
+            p = pending.get((rule.name, g))
+            if p is not None and p[0] <= now:
+                del pending[(rule.name, g)]
+                self._eval_group(rule, g, p[1], out)
+
+    def _schedule(self, pending: dict[tuple[str, str], int]) -> None:
+        """Take deferred evaluations (restored, or kept over a reload) under the current rules."""
+        by_name = self._ruleset.by_name
+        self._pending = {}
+        for (name, g), ts in sorted(pending.items()):
+            rule = by_name.get(name)
+            if rule is not None and rule.scope == "group":
+                step = rule.interval_ms or 1  # interval removed: due at the next reading
+                self._pending[(name, g)] = ((ts // step + 1) * step, ts)
 
     def _eval_sensor(self, rule: Rule, st: SensorState, now: int, out: list[Effect]) -> None:
         c = self._ctx

@@ -92,8 +92,10 @@ class Series:
             cum[k] = c
 
     def trim(self, keep_after_ms: int) -> None:
-        """Drop points at or before ``keep_after_ms`` but always keep the latest one."""
-        i = bisect_right(self.ts, keep_after_ms)
+        """Drop the points before ``keep_after_ms`` except the value in force then (the last
+        point at or before it: a read at any time from ``keep_after_ms`` on stays right), and
+        always keep the latest one."""
+        i = bisect_right(self.ts, keep_after_ms) - 1
         i = min(i, len(self.ts) - 1)
         if i > 0:
             del self.ts[:i]

@@ -6,13 +6,14 @@ import hashlib
 import json
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
+from citypulse.durations import Duration
 from citypulse.registry import Registry, Sensor
 from citypulse.yamlsrc import Located, Locator, YamlSourceError, parse_located
 from rules._expr import Compiled, ExprError, Scope, Type, compile_expr
@@ -23,6 +24,7 @@ TEMPLATE_FIELDS = frozenset(
 )
 """``{{ $field }}`` names an annotation template can use (plus ``$labels.<name>``)."""
 _PLACEHOLDER = re.compile(r"\{\{(.*?)\}\}", re.DOTALL)
+_DURATION: TypeAdapter[Any] = TypeAdapter(Duration)
 
 
 class RuleError(Exception):
@@ -59,6 +61,8 @@ class Rule:
         scope: ``"sensor"`` (state per sensor) or ``"group"`` (state per group value).
         metrics: metrics a sensor must have to be covered (sensor rules).
         window_s: longest window the rule reads, seconds.
+        interval_ms: evaluation interval of a group rule, event-time ms (its rule group's
+            ``interval``); 0: evaluated on every batch of a member.
     """
 
     name: str
@@ -78,6 +82,7 @@ class Rule:
     windows_s: dict[str, float]
     uses_stale: bool
     window_s: float | None
+    interval_ms: int = 0
 
     @property
     def select(self) -> Selector:
@@ -229,12 +234,23 @@ def parse_rules_text(
             errors.append(locator.at(where, "a group must be a mapping with name and rules"))
             continue
         for key in group:
-            if key not in ("name", "rules"):
+            if key not in ("name", "interval", "rules"):
                 errors.append(locator.at([*where, key], f"unknown key {key!r} in group"))
         gname = group.get("name")
         if not isinstance(gname, str) or not gname:
             errors.append(locator.at(where, "group needs a 'name'"))
             gname = f"groups[{gi}]"
+        interval_ms = 0
+        if "interval" in group:
+            try:
+                interval_ms = round(
+                    _DURATION.validate_python(group["interval"]).total_seconds() * 1000
+                )
+            except ValidationError as exc:
+                msg = exc.errors()[0]["msg"]
+                errors.append(locator.at([*where, "interval"], f"interval: {msg}"))
+            if interval_ms < 0:
+                errors.append(locator.at([*where, "interval"], "interval: must not be negative"))
         if not isinstance(group.get("rules"), list):
             errors.append(locator.at(where, f"group {gname!r} needs a 'rules' list"))
             continue
@@ -243,6 +259,8 @@ def parse_rules_text(
             name = raw.get("name") if isinstance(raw, dict) else None
             builder = _RuleBuilder(locator, path, str(name or f"rules[{ri}]"), registry)
             rule = builder.build(raw, gname, file, version)
+            if rule is not None and rule.scope == "group" and interval_ms:
+                rule = replace(rule, interval_ms=interval_ms)
             errors.extend(builder.errors)
             warnings.extend(builder.warnings)
             if rule is not None:

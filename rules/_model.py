@@ -149,6 +149,11 @@ class RuleSpec(_Strict):
 
 class GroupSpec(_Strict):
     name: str = Field(min_length=1, max_length=128)
+    interval: Duration = Field(
+        timedelta(0),
+        description="evaluate the group's group_by rules at most once per this much event time "
+        "per group (at its latest reading); 0: on every reading of a member",
+    )
     rules: list[RuleSpec]
 
 

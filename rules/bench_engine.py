@@ -31,12 +31,12 @@ from rules import RuleEngine, load_rules
 EPOCH_MS = 1_780_000_000_000
 
 
-def _workload(per: int, rules: int) -> tuple[Registry, Path]:
+def _workload(per: int, rules: int, group_interval_s: float) -> tuple[Registry, Path]:
     from deploy.bench._rules import generate_rules, probe_sensors, write_rules
     from deploy.simulator import generate_registry
 
     registry = generate_registry(8, per, seed=1)
-    files = generate_rules(registry, rules, probe_sensors(registry, 20))
+    files = generate_rules(registry, rules, probe_sensors(registry, 20), group_interval_s)
     directory = Path(tempfile.mkdtemp(prefix="citypulse-bench-engine-"))
     write_rules(directory, files)
     return registry, directory
@@ -92,9 +92,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup-min", type=float, default=10.0, help="event time to fill windows")
     p.add_argument("--mix", action="store_true", help="random values: alerts fire and resolve")
     p.add_argument("--profile", choices=["sensor", "group", "all"], help="cProfile one phase")
+    p.add_argument(
+        "--group-interval-s", type=float, default=0.0, help="cross-sensor rules' interval"
+    )
     a = p.parse_args(argv)
 
-    registry, directory = _workload(a.per, a.rules)
+    registry, directory = _workload(a.per, a.rules, a.group_interval_s)
     ruleset = load_rules(directory, registry)
     n_group = sum(r.scope == "group" for r in ruleset.rules)
     print(f"{len(registry)} sensors, {len(ruleset.rules)} rules ({n_group} group rules)")
@@ -119,8 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     def feed_group(batches: list[ReadingBatch]) -> None:
         # As the runtime's group stage: one call per group key the batch feeds.
         for b in batches:
-            for _ in engine.group_keys(b):
-                for e in engine.process(b, scope="group"):
+            for key in engine.group_keys(b):
+                for e in engine.process(b, scope="group", key=key):
                     digest.update(e.model_dump_json().encode())
 
     readings = {k: sum(len(b.readings) for b in v) for k, v in phases.items()}

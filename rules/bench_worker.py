@@ -78,9 +78,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--interval-s", type=float, default=60.0)
     p.add_argument("--code-root", type=Path, help="run the worker from this checkout")
     p.add_argument("--timeout-s", type=float, default=900.0)
+    p.add_argument("--group-interval-s", type=float, default=0.0)
     a = p.parse_args(argv)
 
-    registry, rules_dir = _workload(a.per, a.rules)
+    registry, rules_dir = _workload(a.per, a.rules, a.group_interval_s)
     step_ms = max(1, round(a.interval_s * 1000 / len(registry)))
     batches = _batches(registry, a.batches, EPOCH_MS, step_ms, mix=False, seed=1)
     readings = sum(len(b.readings) for b in batches)

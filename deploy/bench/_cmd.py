@@ -66,6 +66,7 @@ def run_bench_cmd(
     quick: bool,
     soak_s: float = 0.0,
     soak_fill_s: float | None = None,
+    group_interval_s: float = 1.0,
 ) -> int:
     """Run ``citypulse bench``; return the exit code."""
     try:
@@ -86,6 +87,7 @@ def run_bench_cmd(
         publishers=publishers if not quick else min(publishers, opts.publishers),
         soak_s=soak_s,
         soak_fill_s=soak_fill_s,
+        group_interval_s=group_interval_s,
     )
     try:
         results = run_bench(opts)

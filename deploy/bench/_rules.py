@@ -122,13 +122,16 @@ def probe_sensors(registry: Registry, count: int) -> list[Sensor]:
     return found[:count]
 
 
-def generate_rules(registry: Registry, count: int, probes: Sequence[Sensor]) -> dict[str, str]:
+def generate_rules(
+    registry: Registry, count: int, probes: Sequence[Sensor], group_interval_s: float = 0.0
+) -> dict[str, str]:
     """Rule files (name -> YAML text) holding ``count`` generated rules plus the marker rule.
 
     Args:
         registry: the benchmark's registry (districts, silos and metric ranges come from it).
         count: generated rules (windowed, instant, stale-sensor and cross-sensor, interleaved).
         probes: the probe sensors the marker rule watches.
+        group_interval_s: ``interval`` of the cross-sensor rules' group, seconds (0: none).
 
     Returns:
         One file per rule group, plus ``bench_marker.yaml``.
@@ -136,12 +139,13 @@ def generate_rules(registry: Registry, count: int, probes: Sequence[Sensor]) -> 
     groups: dict[str, list[dict[str, Any]]] = {}
     for group, rule in itertools.islice(_candidates(registry), count):
         groups.setdefault(group, []).append(rule)
-    files = {
-        f"{group}.yaml": yaml.safe_dump(
-            {"groups": [{"name": group, "rules": rules}]}, sort_keys=False, width=120
-        )
-        for group, rules in groups.items()
-    }
+    files = {}
+    for group, rules in groups.items():
+        spec: dict[str, Any] = {"name": group}
+        if group == "bench_group" and group_interval_s:
+            spec["interval"] = f"{round(group_interval_s * 1000)}ms"
+        spec["rules"] = rules
+        files[f"{group}.yaml"] = yaml.safe_dump({"groups": [spec]}, sort_keys=False, width=120)
     marker = {
         "name": MARKER_RULE,
         "select": {"sensor": [s.id for s in probes]},

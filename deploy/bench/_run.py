@@ -78,6 +78,9 @@ class BenchOptions:
     soak_fill_s: float | None = None
     """Seconds at the soak's rate before the measured ``soak_s``, so the rule workers' windows
     are full (their memory grows until then, by design); None = the longest rule window."""
+    group_interval_s: float = 1.0
+    """The cross-sensor rules' evaluation interval (their rule group's ``interval``); 0 = on
+    every reading of a member."""
 
     @classmethod
     def quick_options(cls, out: Path, modes: tuple[Mode, ...]) -> BenchOptions:
@@ -313,7 +316,12 @@ class Bench:
         reg_path = self.state / "registry.yaml"
         reg_path.write_text(dump_registry(registry))
         rules_dir = self.state / "rules"
-        files = generate_rules(registry, self.opts.rules, probe_sensors(registry, len(probes)))
+        files = generate_rules(
+            registry,
+            self.opts.rules,
+            probe_sensors(registry, len(probes)),
+            group_interval_s=self.opts.group_interval_s,
+        )
         write_rule_files(rules_dir, files)
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("CITYPULSE_")}
         self.env.update(self.stack.env())
@@ -604,6 +612,7 @@ class Bench:
             results["setup"] = self._setup(registry, [s.id for s in probes])
             assert self.settings is not None
             results["rules"] = o.rules + 1
+            results["group_interval_s"] = o.group_interval_s
             templates = {m: [templates_for(s, m) for s in bulk] for m in o.modes}
             progress.update(step, description="ceilings of the raw components", total=None)
             results["ceilings"] = self._ceilings(registry, templates, progress)

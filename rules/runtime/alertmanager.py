@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import urllib.error
 import urllib.request
@@ -22,6 +23,20 @@ from citypulse.events import AlertEvent, AlertState, ms_to_dt
 from rules.runtime.errors import AlertmanagerError
 
 log = logging.getLogger("citypulse.rules.alertmanager")
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_NOT_IN_NAME = re.compile(r"[^A-Za-z0-9_]+")
+
+
+def am_name(key: str) -> str:
+    """``key`` as a valid Alertmanager label or annotation name (``[A-Za-z_][A-Za-z0-9_]*``):
+    other characters become ``_``. Alertmanager refuses a whole post if one alert in it has an
+    invalid name, and a group rule's values are named by expressions (``group.avg(pressure)``).
+    """
+    if _NAME.fullmatch(key):
+        return key
+    name = _NOT_IN_NAME.sub("_", key).strip("_") or "_"
+    return f"_{name}" if name[0].isdigit() else name
 
 
 def _iso(dt: datetime) -> str:
@@ -40,14 +55,15 @@ def alert_payload(
         generator_url: link back to the rule (shown in notifications).
     """
     labels = {
-        **event.labels,
+        **{am_name(k): v for k, v in event.labels.items()},
         "alertname": event.rule,
         "severity": event.severity,
         "rule_group": event.group,
     }
-    annotations = {**event.annotations, "rule_version": event.rule_version}
+    annotations = {am_name(k): v for k, v in event.annotations.items()}
+    annotations["rule_version"] = event.rule_version
     for key, value in sorted(event.values.items()):
-        annotations.setdefault(f"value_{key}", f"{value:g}")
+        annotations.setdefault(am_name(f"value_{key}"), f"{value:g}")
     starts_ms = event.active_since_ms if event.active_since_ms is not None else event.ts_ms
     if event.state == AlertState.RESOLVED:
         ends_ms = event.ts_ms

@@ -251,35 +251,6 @@ def decode_batch(obj: Any) -> FastBatch:
     return FastBatch(b.sensor, tuple(FastReading(r.ts_ms, r.metric, r.value) for r in b.readings))
 
 
-def _process_group(engine: Any, batch: Any, key: str, registry: Registry) -> list[Effect]:
-    """Group-rule effects of ``batch`` for the one group ``key`` (``"field=value"``) only.
-
-    A batch feeding several groups arrives once per group key, possibly in different
-    partitions; each partition's engine then only sees part of the other groups' members, so
-    effects of groups other than ``key`` are dropped here: the partition that owns that key
-    emits them.
-    """
-    effects = engine.process(batch, scope="group")
-    if not effects:
-        return []
-    by_name = engine.ruleset.by_name
-    sensors = registry.by_id()
-    field_, _, value = key.partition("=")
-    out: list[Effect] = []
-    for e in effects:
-        rule = by_name.get(e.rule)
-        if rule is None or rule.group_by != field_:
-            continue
-        if isinstance(e, AlertEvent):
-            if e.labels.get(field_.removeprefix("labels.")) == value:
-                out.append(e)
-        else:
-            target = sensors.get(e.sensor)
-            if target is not None and _group_value(target, field_) == value:
-                out.append(e)
-    return out
-
-
 def _group_value(sensor: Any, group_by: str) -> str | None:
     if group_by.startswith("labels."):
         return sensor.labels.get(group_by.removeprefix("labels."))  # type: ignore[no-any-return]
@@ -456,7 +427,9 @@ class _Stage(ConsumerRebalanceListener):  # type: ignore[misc]
                             continue  # replayed by the sensor stage: already applied
                         part.seen[seen_key] = offset
                         batch = decode_batch(obj)
-                        out = _process_group(part.engine, batch, key, self.w.registry)
+                        # Only this key's rules: the batch arrives once per group key,
+                        # and another key's partition evaluates that key's rules.
+                        out = part.engine.process(batch, "group", key)
                         readings += self._applied(part, batch, out, effects)
                         applied += 1
                         if applied % YIELD_EVERY == 0:

@@ -237,8 +237,10 @@ def test_stage_engines_hold_only_their_windows_and_raise_what_one_engine_does() 
             got += [*sensor.process(b), *group.process(b)]
     assert {e.rule for e in want} == {"Low", "Leak", "Surge"}
     assert sorted(e.encode() for e in got) == sorted(e.encode() for e in want)
-    assert _held(sensor) == {"pressure": 2, "power": 5}  # latest pressure, 5 min of power
-    assert _held(group) == {"pressure": 20, "flow": 20}  # 10 minutes of 2 sensors
+    # Latest pressure; 5 minutes of power and the value in force at their start.
+    assert _held(sensor) == {"pressure": 2, "power": 6}
+    # 10 minutes (and GROUP_LATENESS_MS) of 2 sensors, and the values in force before.
+    assert _held(group) == {"pressure": 24, "flow": 24}
     with pytest.raises(ValueError, match="cannot evaluate"):
         sensor.process(batch("wtr-n-1", 16 * MIN, pressure=1), "all")
     restored = RuleEngine(rs, REG, scope="sensor")
@@ -416,13 +418,14 @@ def test_unchanged_rule_reload_from_text_has_same_digest() -> None:
 
 
 def test_windows_are_bounded_by_the_longest_window() -> None:
-    """Only points inside the longest window a rule reads are kept; unread metrics not at all."""
+    """Only points inside the longest window a rule reads are kept, and the value in force at
+    its start; unread metrics not at all."""
     eng = RuleEngine(ruleset("- name: A\n  expr: avg(pressure, 5m) < 1\n"), REG)
     for m in range(100):
         eng.process(batch("wtr-n-1", m * MIN, pressure=3, flow=1))
     st = eng._states["wtr-n-1"]
     assert set(st.series) == {"pressure"}
-    assert len(st.series["pressure"].ts) == 5
+    assert len(st.series["pressure"].ts) == 6
 
 
 def test_unknown_sensor_and_empty_batch_are_ignored() -> None:

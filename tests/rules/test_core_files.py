@@ -64,13 +64,37 @@ def test_duplicate_names_and_structure_errors(tmp_path: Path) -> None:
         "groups:\n  - name: g\n    rules:\n      - {name: A, expr: p > 1}\n"
     )
     (tmp_path / "b.yaml").write_text(
-        "groups:\n  - name: h\n    interval: 1m\n    rules:\n      - {name: A, expr: p > 1}\n"
+        "groups:\n  - name: h\n    limit: 10\n    rules:\n      - {name: A, expr: p > 1}\n"
     )
     with pytest.raises(RuleFileError) as exc:
         load_rules(tmp_path)
     msgs = [p.message for p in exc.value.problems]
-    assert "unknown key 'interval' in group" in msgs
+    assert "unknown key 'limit' in group" in msgs
     assert any('rule "A": name already used' in m for m in msgs)
+
+
+def test_group_interval_applies_to_group_rules_and_bad_values_are_located(
+    tmp_path: Path,
+) -> None:
+    """A rule group's ``interval`` reaches its group_by rules only; a bad one is an error at
+    its line."""
+    f = tmp_path / "i.yaml"
+    f.write_text(
+        "groups:\n  - name: g\n    interval: 2s\n    rules:\n"
+        "      - {name: Each, expr: pressure < 1}\n"
+        "      - {name: All, group_by: district, expr: group.avg(pressure) < 1}\n"
+    )
+    by_name = {r.name: r.interval_ms for r in load_rules(f)}
+    assert by_name == {"Each": 0, "All": 2000}
+    f.write_text(
+        "groups:\n  - name: g\n    interval: 2 seconds\n    rules:\n"
+        "      - {name: All, group_by: district, expr: group.avg(pressure) < 1}\n"
+    )
+    with pytest.raises(RuleFileError) as exc:
+        load_rules(f)
+    assert [str(p) for p in exc.value.problems] == [
+        f"{f}:3:15: interval: Value error, bad duration '2 seconds': use e.g. 30s, 5m, 1h30m, 7d"
+    ]
 
 
 def test_selector_matching_nothing_is_a_warning(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from citypulse.events import AlertEvent, AlertState, Reading, ReadingBatch
 from citypulse.registry import Registry, load_registry
 from rules import RuleEngine, load_rules
 from rules.runtime import Snapshot, alert_payload
-from rules.runtime.worker import _process_group, owned_effects, partition_of
+from rules.runtime.worker import owned_effects, partition_of
 
 DATA = Path(__file__).parent / "integration" / "data"
 
@@ -98,26 +99,53 @@ def test_alertmanager_payload_for_firing_and_resolved() -> None:
     assert resolved["endsAt"] == "1970-01-01T00:01:01.000Z"
 
 
+def test_alertmanager_payload_names_are_valid_label_names() -> None:
+    """A group rule's values are named by expressions; Alertmanager refuses a whole post when
+    one name in it is not a label name, so every name is made one."""
+    event = _event().model_copy(
+        update={
+            "values": {"group.avg(pressure)": 1.25, "pressure": 2.0},
+            "labels": {"sensor": "wtr-0001", "zone-id": "7"},
+            "annotations": {"summary": "low", "2nd.note": "x"},
+        }
+    )
+    payload = alert_payload(event, now_ms=100_000, hold_ms=240_000, generator_url="g")
+    names = [*payload["labels"], *payload["annotations"]]  # type: ignore[misc]
+    assert all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", n) for n in names), names
+    assert payload["annotations"]["value_group_avg_pressure"] == "1.25"  # type: ignore[index]
+    assert payload["annotations"]["value_pressure"] == "2"  # type: ignore[index]
+    assert payload["labels"]["zone_id"] == "7"  # type: ignore[index]
+    assert payload["annotations"]["_2nd_note"] == "x"  # type: ignore[index]
+
+
 def test_group_stage_keeps_only_the_effects_of_its_own_key(
     registry: Registry, tmp_path: Path
 ) -> None:
-    """A batch feeding two groups yields each group's alert only in the partition owning it."""
+    """A batch feeding two groups yields each group's alert only in the partition owning it,
+    and exactly once when both keys share a partition (one engine): evaluating the other
+    key's rules along the way used to move that alert's state without reporting it."""
     path = tmp_path / "g.yaml"
     path.write_text(GROUP_RULES)
     ruleset = load_rules([path], registry)
-    by_key = {}
-    for key in ("district=north", "silo=water"):
-        engine = RuleEngine(ruleset, registry)
-        assert engine.group_keys(_batch("wtr-0001", 0, 1.0)) == ("district=north", "silo=water")
+    keys = ("district=north", "silo=water")
+    assert RuleEngine(ruleset, registry).group_keys(_batch("wtr-0001", 0, 1.0)) == keys
+
+    def run(engine: RuleEngine, key: str) -> list[tuple[str, AlertState]]:
         effects = [
-            *_process_group(engine, _batch("wtr-0002", 1000, 1.0), key, registry),
-            *_process_group(engine, _batch("wtr-0001", 2000, 1.0), key, registry),
+            *engine.process(_batch("wtr-0002", 1000, 1.0), "group", key),
+            *engine.process(_batch("wtr-0001", 2000, 1.0), "group", key),
         ]
-        by_key[key] = [(e.rule, e.state) for e in effects if isinstance(e, AlertEvent)]
-    assert by_key == {
+        return [(e.rule, e.state) for e in effects if isinstance(e, AlertEvent)]
+
+    apart = {key: run(RuleEngine(ruleset, registry, scope="group"), key) for key in keys}
+    shared = RuleEngine(ruleset, registry, scope="group")
+    together = {key: run(shared, key) for key in keys}
+    expected = {
         "district=north": [("DistrictLow", AlertState.FIRING)],
         "silo=water": [("SiloLow", AlertState.FIRING)],
     }
+    assert apart == expected
+    assert together == expected
 
 
 def test_time_passing_is_reported_by_the_owning_partition_only(

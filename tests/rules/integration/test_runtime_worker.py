@@ -14,6 +14,7 @@ from prometheus_client import REGISTRY
 
 from citypulse.events import AlertState
 from citypulse.settings import Settings
+from rules.runtime import WorkerOptions
 
 from .conftest import Alertmanager
 from .helpers import (
@@ -277,3 +278,46 @@ async def test_alert_gauge_counts_restored_alerts_at_once(rt_settings: Settings)
     metrics.ALERTS.labels("firing").set(0)  # as in a new process
     async with running_worker(rt_settings):
         assert await gauge() == 2
+
+
+INTERVAL_RULES = """
+groups:
+  - name: city
+    interval: 2s
+    rules:
+      - name: SiloLowPressure
+        select: {silo: water}
+        group_by: silo
+        expr: group.avg(pressure) < 1.5
+        labels: {run: "@RUN@"}
+"""
+
+
+async def test_group_interval_evaluates_each_interval_once_and_idle_time_closes_it(
+    rt_settings: Settings, run_id: str
+) -> None:
+    """A group rule with ``interval: 2s`` sees each 2-s interval as of its latest reading: a
+    silo average low for 100 ms inside an interval raises nothing; a low average at the end of
+    the next one fires once, stamped with that reading, when idle time passes the interval's
+    end (the worker's ticks; no later reading comes). The same reading also fires the sensor
+    and district alerts: three group and sensor keys, each alert once."""
+    (rt_settings.rules / "interval.yaml").write_text(INTERVAL_RULES.replace("@RUN@", run_id))
+    t0 = (time.time_ns() // 1_000_000 - 60_000) // 2000 * 2000
+    options = WorkerOptions(tick_s=0.2, checkpoint_s=0.5, reload_poll_s=0.2)
+    async with running_worker(rt_settings, options):
+        await produce(
+            rt_settings,
+            batch("wtr-0001", t0, pressure=1.0),
+            batch("wtr-0002", t0 + 100, pressure=1.0),  # silo average 1.0
+            batch("wtr-0003", t0 + 200, pressure=4.0),  # 2.0 at the interval's end
+            batch("wtr-0003", t0 + 2000, pressure=1.0),  # 1.0: low from here on
+        )
+        rows = await eventually(
+            lambda: alert_rows(rt_settings), lambda r: firing(r, "SiloLowPressure")
+        )
+        await asyncio.sleep(1.0)  # a second evaluation of the closed interval would show now
+        rows = await alert_rows(rt_settings)
+    silo = [(r["state"], _ms(r["ts"])) for r in rows if r["rule"] == "SiloLowPressure"]
+    assert silo == [("firing", t0 + 2000)]
+    districts = [r["labels"]["district"] for r in firing(rows, "DistrictLowPressure")]
+    assert sorted(districts) == ["north", "south"]  # north from the start, south at the end
