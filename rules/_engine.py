@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -26,6 +27,7 @@ log = logging.getLogger("citypulse.rules")
 SNAPSHOT_VERSION = 2
 _MAGIC = b"CPE2"
 EvalScope = Literal["sensor", "group", "all"]
+_NEVER = -math.inf
 GROUP_LATENESS_MS = 30_000
 """Group rules' metrics are kept this much longer than their windows: the runtime's group
 stage gets a batch once per group key, and one key's batches can be evaluated after another
@@ -236,6 +238,10 @@ class RuleEngine:
         # Group rules with an evaluation interval: (rule, group value) -> (end of the
         # interval, event time of the evaluation due: the group's latest reading in it).
         self._pending: dict[tuple[str, str], tuple[int, int]] = {}
+        # (sensor rule using stale(), sensor) -> event time until which its last evaluation
+        # stays "nothing to do" (the expression's validity interval): ticks skip it until
+        # then. A reading of the sensor re-evaluates it; not part of the snapshot.
+        self._quiet: dict[tuple[str, str], float] = {}
         self._unhealthy: dict[str, str] = {}
         self._epoch_ms: int | None = None
         self._ctx = Ctx()
@@ -332,20 +338,25 @@ class RuleEngine:
                 self._eval_group(by_name[name], g, ts, out)
         done: set[tuple[str, str]] = set()
         if scope != "group":
+            quiet, states = self._quiet, self._states
             for rule, sensor_ids in self._tick_sensor:
+                name = rule.name
                 for sid in sensor_ids:
-                    done.add((rule.name, sid))
-                    self._eval_sensor(rule, self._states[sid], now_ms, out)
+                    if quiet.get((name, sid), _NEVER) <= now_ms:
+                        self._eval_sensor(rule, states[sid], now_ms, out)
         if scope != "sensor":
             for rule, groups in self._tick_group:
                 for g in groups:
                     done.add((rule.name, _group_key(rule, g)))
                     self._eval_group(rule, g, now_ms, out)
         by_name = self._ruleset.by_name
+        owns = self._owns
         for key in sorted(self._alerts):
             if key in done:
                 continue
             rule = by_name[key[0]]
+            if rule.scope == "sensor" and rule.uses_stale and (owns is None or owns(key[1])):
+                continue  # a tick rule of a sensor this engine ticks: evaluated above
             if rule.scope == "sensor":
                 self._eval_sensor(rule, self._states[key[1]], now_ms, out)
             else:
@@ -397,6 +408,7 @@ class RuleEngine:
         self._index = _index_of(ruleset, self._registry)
         self._own_ticks()
         self._link_members()
+        self._quiet = {}  # rules, registry or state changed: evaluate anew
         self._alerts = {k: v for k, v in self._alerts.items() if k[0] in keep}
         self._ended = {k: v for k, v in self._ended.items() if k[0] in keep}
         self._alerts = {
@@ -530,6 +542,7 @@ class RuleEngine:
             raise RuleStateError(f"bad snapshot: {exc!r}") from exc
         self._states = states
         self._link_members()
+        self._quiet = {}  # rules, registry or state changed: evaluate anew
         self._alerts = alerts
         self._ended = ended
         self._commands = commands
@@ -600,7 +613,14 @@ class RuleEngine:
         c = self._ctx
         c.now_ms, c.sensor, c.series, c.last_seen_ms = now, st.sensor, st.series, st.last_seen_ms
         c.members = ()
-        self._evaluate(rule, st.sensor.id, now, out)
+        if not rule.uses_stale:
+            self._evaluate(rule, st.sensor.id, now, out)
+            return
+        c.lo_ms, c.hi_ms = -math.inf, math.inf
+        if self._evaluate(rule, st.sensor.id, now, out):
+            self._quiet[(rule.name, st.sensor.id)] = c.hi_ms
+        else:
+            self._quiet.pop((rule.name, st.sensor.id), None)
 
     def _eval_group(self, rule: Rule, g: str, now: int, out: list[Effect]) -> None:
         c = self._ctx
@@ -608,7 +628,9 @@ class RuleEngine:
         c.members = self._member_states.get((rule.name, g), ())
         self._evaluate(rule, _group_key(rule, g), now, out)
 
-    def _evaluate(self, rule: Rule, key: str, now: int, out: list[Effect]) -> None:
+    def _evaluate(self, rule: Rule, key: str, now: int, out: list[Effect]) -> bool:
+        """Evaluate one rule for one key at ``now``; True when it was evaluated and there is
+        no alert (the common case: nothing changed, nothing to remember)."""
         c = self._ctx
         c.record = None
         alert = self._alerts.get((rule.name, key))
@@ -619,12 +641,12 @@ class RuleEngine:
             # windows and count at the alert's next evaluation, but the alert is not evaluated
             # at a time before its latest state change, so its timeline never goes backwards
             # and a transition is never recorded twice at two different times.
-            return
+            return False
         try:
             conds = [lv.cond.fn(c) is True for lv in rule.levels]
             if alert is None:
                 if not any(conds):
-                    return  # the common case: nothing to do, nothing allocated
+                    return True  # the common case: nothing to do, nothing allocated
                 alert = _Alert(len(rule.levels), self._labels(rule, key))
                 self._alerts[(rule.name, key)] = alert
             clear = None
@@ -650,6 +672,7 @@ class RuleEngine:
             self._unhealthy[rule.name] = msg
         finally:
             c.record = None
+        return False
 
     def _labels(self, rule: Rule, key: str) -> dict[str, str]:
         labels = {"alertname": rule.name, **rule.labels}

@@ -159,6 +159,41 @@ def test_staleness_uses_the_registry_interval() -> None:
     assert states(ev) == [(16, "firing", "warning"), (17, "resolved", "warning")]
 
 
+def test_ticks_skip_stale_rules_until_their_result_can_change(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A tick evaluates a stale() rule for a sensor only once its last evaluation may no longer
+    hold (3 x 1m after its latest reading), so ticks over a reporting fleet cost nothing;
+    alerts come at the same ticks as when every tick evaluated everything."""
+    rules = ruleset("- name: Stale\n  select: {silo: water}\n  expr: stale(3) or pressure > 9\n")
+    calls: list[str] = []
+    evaluate = RuleEngine._evaluate
+
+    def counting(self: RuleEngine, rule: object, key: str, *args: object) -> bool:
+        calls.append(key)
+        return evaluate(self, rule, key, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(RuleEngine, "_evaluate", counting)
+    eng = RuleEngine(rules, REG)
+    fired = []
+    for sec in range(0, 8 * 60, 5):  # a tick every 5 s for 8 minutes
+        t = sec * 1000
+        if sec < 120:  # both report every 5 s, then only wtr-n-1
+            fired += eng.process(batch("wtr-n-1", t, pressure=3))
+            if sec < 60:
+                fired += eng.process(batch("wtr-n-2", t, pressure=3))
+        before = len(calls)
+        fired += eng.advance(t)
+        if 0 < sec < 120:
+            # Fresh sensors, and wtr-s-1 (never seen) not before 3 minutes: nothing to do.
+            assert len(calls) == before, sec
+    assert [(e.labels["sensor"], e.state.value, e.ts_ms) for e in fired] == [
+        ("wtr-s-1", "firing", 185_000),  # never seen: counts from the engine's first time
+        ("wtr-n-2", "firing", 240_000),  # last seen 55 s, stale after 3 minutes
+        ("wtr-n-1", "firing", 300_000),  # last seen 115 s
+    ]
+
+
 LEAK = """
 - name: Leak
   group_by: district
