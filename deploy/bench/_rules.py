@@ -18,6 +18,10 @@ from citypulse.registry import Registry, Sensor
 
 MARKER_RULE = "BenchMarker"
 """The rule that fires when a probe sensor reports :data:`MARKER_VALUE` (alert latency)."""
+GROUP_MARKER_RULE = "BenchGroupMarker"
+"""The same as a group rule (one group per probe sensor) with the cross-sensor rules'
+evaluation interval: its alerts go through the re-key hop and the group stage (group alert
+latency)."""
 MARKER_METRIC = "pressure"
 MARKER_VALUE = 15.5
 """Pressure (bar) of a marker reading: valid (range 0-16) and above every normal value."""
@@ -134,7 +138,7 @@ def generate_rules(
         group_interval_s: ``interval`` of the cross-sensor rules' group, seconds (0: none).
 
     Returns:
-        One file per rule group, plus ``bench_marker.yaml``.
+        One file per rule group, plus ``bench_marker.yaml`` and ``bench_group_marker.yaml``.
     """
     groups: dict[str, list[dict[str, Any]]] = {}
     for group, rule in itertools.islice(_candidates(registry), count):
@@ -156,6 +160,18 @@ def generate_rules(
     files["bench_marker.yaml"] = yaml.safe_dump(
         {"groups": [{"name": "bench_marker", "rules": [marker]}]}, sort_keys=False
     )
+    group_marker = {
+        "name": GROUP_MARKER_RULE,
+        "select": {"sensor": [s.id for s in probes]},
+        "group_by": "sensor",
+        "expr": f"group.max({MARKER_METRIC}) > {MARKER_VALUE - 0.5}",
+        "severity": "info",
+        "labels": {"team": "bench"},
+    }
+    spec = {"name": "bench_group_marker", "rules": [group_marker]}
+    if group_interval_s:
+        spec = {"name": spec["name"], "interval": f"{round(group_interval_s * 1000)}ms"} | spec
+    files["bench_group_marker.yaml"] = yaml.safe_dump({"groups": [spec]}, sort_keys=False)
     return files
 
 

@@ -33,7 +33,13 @@ from collectors import Limits, Validator
 from deploy.bench._ceilings import copy_ceiling, kafka_ceiling, mqtt_ceiling
 from deploy.bench._load import Mode, Probe, Publishers, Template, shard, templates_for
 from deploy.bench._ramp import Ramp
-from deploy.bench._rules import MARKER_METRIC, MARKER_RULE, generate_rules, probe_sensors
+from deploy.bench._rules import (
+    GROUP_MARKER_RULE,
+    MARKER_METRIC,
+    MARKER_RULE,
+    generate_rules,
+    probe_sensors,
+)
 from deploy.bench._rules import write_rules as write_rule_files
 from deploy.embedded import EmbeddedStack, Tansu, free_port
 from deploy.simulator import DISTRICTS, generate_registry
@@ -121,6 +127,8 @@ class Observed:
     stored_latency: list[tuple[int, float]] = field(default_factory=list)
     """(visible at, latency ms) of probe readings seen in ``readings``."""
     alert_latency: list[tuple[int, float]] = field(default_factory=list)
+    group_alert_latency: list[tuple[int, float]] = field(default_factory=list)
+    """(seen at, latency ms) of the group marker's firing alerts (re-key hop, group stage)."""
     """(consumed at, latency ms) of the marker rule's FIRING events."""
     alerts: int = 0
     errors: list[str] = field(default_factory=list)
@@ -227,8 +235,12 @@ class _Observers:
                     for r in records:
                         self.data.alerts += 1
                         ev = orjson.loads(r.value)
-                        if ev.get("rule") == MARKER_RULE and ev.get("state") == "firing":
+                        if ev.get("state") != "firing":
+                            continue
+                        if ev.get("rule") == MARKER_RULE:
                             self.data.alert_latency.append((now, float(now - ev["ts_ms"])))
+                        elif ev.get("rule") == GROUP_MARKER_RULE:
+                            self.data.group_alert_latency.append((now, float(now - ev["ts_ms"])))
         finally:
             await consumer.stop()
 
@@ -611,7 +623,7 @@ class Bench:
             step = progress.add_task("starting the embedded stack", total=None)
             results["setup"] = self._setup(registry, [s.id for s in probes])
             assert self.settings is not None
-            results["rules"] = o.rules + 1
+            results["rules"] = o.rules + 2
             results["group_interval_s"] = o.group_interval_s
             templates = {m: [templates_for(s, m) for s in bulk] for m in o.modes}
             progress.update(step, description="ceilings of the raw components", total=None)
@@ -662,6 +674,7 @@ class Bench:
         results["latency_samples"] = {
             "stored": [x for d in seen for x in d.stored_latency],
             "alert": [x for d in seen for x in d.alert_latency],
+            "group_alert": [x for d in seen for x in d.group_alert_latency],
         }
         return results
 
@@ -807,8 +820,10 @@ class Bench:
                 lo, hi = ph["steady_from_ms"] - 1, ph["end_ms"]
                 stored = [lat for at, lat in observers.data.stored_latency if lo <= at <= hi]
                 alert = [lat for at, lat in observers.data.alert_latency if lo <= at <= hi]
+                group = [lat for at, lat in observers.data.group_alert_latency if lo <= at <= hi]
                 ph["stored_latency_ms"] = _pct(stored)
                 ph["alert_latency_ms"] = _pct(alert)
+                ph["group_alert_latency_ms"] = _pct(group)
                 if kind == "soak":
                     ph["fill_s"] = fill_s
                     ph["rss_after_fill_mb"] = _rss_growth(ph["rss_series_mb"], fill_s)

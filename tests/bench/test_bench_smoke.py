@@ -16,15 +16,18 @@ from rules import check_rules
 
 
 def test_generated_rules_are_valid_for_the_engine(tmp_path: Path) -> None:
-    """200+ generated rules (windowed, stale, cross-sensor, marker) pass the rules checker."""
+    """200+ generated rules (windowed, stale, cross-sensor, both markers) pass the rules
+    checker; the cross-sensor rules and the group marker carry the evaluation interval."""
     registry = generate_registry(8, 3, seed=1)
-    files = generate_rules(registry, 220, probe_sensors(registry, 4))
+    files = generate_rules(registry, 220, probe_sensors(registry, 4), group_interval_s=1.0)
     for name, text in files.items():
         (tmp_path / name).write_text(text)
     ruleset, errors = check_rules([tmp_path], registry)
     assert errors == []
     assert ruleset is not None
-    assert len(ruleset) == 221
+    assert len(ruleset) == 222
+    assert {r.interval_ms for r in ruleset if r.scope == "group"} == {1000}
+    assert {r.interval_ms for r in ruleset if r.scope == "sensor"} == {0}
     text = "".join(files.values())
     assert "stale(" in text
     assert "group.avg(" in text
@@ -83,6 +86,8 @@ def test_bench_quick_writes_results(tmp_path: Path) -> None:
     assert set(batch["latency"]) == {"50%", "90%"}
     assert batch["latency"]["50%"]["stored_latency_ms"]["n"] > 0
     assert batch["latency"]["50%"]["alert_latency_ms"]["n"] > 0
+    # The group marker (a group rule with the 1-s interval) fires through the group stage.
+    assert batch["latency"]["50%"]["group_alert_latency_ms"]["n"] > 0
     assert set(batch["cpu_s_per_million"]) >= {"collector", "writer", "rules"}
     assert results["ceilings"]["batch"]["mqtt"]["messages_per_s"] > 0
     assert results["ceilings"]["batch"]["kafka"]["produce_records_per_s"] > 0
