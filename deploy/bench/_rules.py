@@ -143,12 +143,11 @@ def generate_rules(
     groups: dict[str, list[dict[str, Any]]] = {}
     for group, rule in itertools.islice(_candidates(registry), count):
         groups.setdefault(group, []).append(rule)
+    # The cross-sensor rules and the group marker are evaluated once per interval.
+    interval = {"interval": f"{round(group_interval_s * 1000)}ms"} if group_interval_s else {}
     files = {}
     for group, rules in groups.items():
-        spec: dict[str, Any] = {"name": group}
-        if group == "bench_group" and group_interval_s:
-            spec["interval"] = f"{round(group_interval_s * 1000)}ms"
-        spec["rules"] = rules
+        spec = {"name": group, **(interval if group == "bench_group" else {}), "rules": rules}
         files[f"{group}.yaml"] = yaml.safe_dump({"groups": [spec]}, sort_keys=False, width=120)
     marker = {
         "name": MARKER_RULE,
@@ -168,9 +167,7 @@ def generate_rules(
         "severity": "info",
         "labels": {"team": "bench"},
     }
-    spec = {"name": "bench_group_marker", "rules": [group_marker]}
-    if group_interval_s:
-        spec = {"name": spec["name"], "interval": f"{round(group_interval_s * 1000)}ms"} | spec
+    spec = {"name": "bench_group_marker", **interval, "rules": [group_marker]}
     files["bench_group_marker.yaml"] = yaml.safe_dump({"groups": [spec]}, sort_keys=False)
     return files
 

@@ -127,9 +127,10 @@ class Observed:
     stored_latency: list[tuple[int, float]] = field(default_factory=list)
     """(visible at, latency ms) of probe readings seen in ``readings``."""
     alert_latency: list[tuple[int, float]] = field(default_factory=list)
-    group_alert_latency: list[tuple[int, float]] = field(default_factory=list)
-    """(seen at, latency ms) of the group marker's firing alerts (re-key hop, group stage)."""
     """(consumed at, latency ms) of the marker rule's FIRING events."""
+    group_alert_latency: list[tuple[int, float]] = field(default_factory=list)
+    """(consumed at, latency ms) of the group marker's FIRING events (re-key hop, group
+    stage, the evaluation interval)."""
     alerts: int = 0
     errors: list[str] = field(default_factory=list)
 

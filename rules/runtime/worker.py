@@ -38,6 +38,7 @@ from citypulse.registry import Registry, load_registry
 from citypulse.service import HEALTH, settle_heap
 from citypulse.settings import Settings
 from citypulse.yamlsrc import YamlSourceError
+from rules._model import group_value
 from rules.runtime import metrics
 from rules.runtime.alertmanager import AlertmanagerClient
 from rules.runtime.changelog import (
@@ -251,14 +252,6 @@ def decode_batch(obj: Any) -> FastBatch:
     return FastBatch(b.sensor, tuple(FastReading(r.ts_ms, r.metric, r.value) for r in b.readings))
 
 
-def _group_value(sensor: Any, group_by: str) -> str | None:
-    if group_by.startswith("labels."):
-        return sensor.labels.get(group_by.removeprefix("labels."))  # type: ignore[no-any-return]
-    if group_by == "sensor":
-        return sensor.id  # type: ignore[no-any-return]
-    return str(getattr(sensor, group_by, "")) or None
-
-
 def effect_key(effect: Effect, stage: str, ruleset: Any, registry: Registry) -> str | None:
     """The input key (sensor id, or ``"field=value"`` group key) an effect belongs to."""
     if stage == "sensor":
@@ -272,7 +265,7 @@ def effect_key(effect: Effect, stage: str, ruleset: Any, registry: Registry) -> 
         value = effect.labels.get(rule.group_by.removeprefix("labels."))
     else:
         target = registry.by_id().get(effect.sensor)
-        value = _group_value(target, rule.group_by) if target is not None else None
+        value = group_value(target, rule.group_by) if target is not None else None
     return None if value is None else f"{rule.group_by}={value}"
 
 
