@@ -91,6 +91,15 @@ class Settings(BaseSettings):
     retention_1m_days: float = Field(180, gt=0, description="keep 1-minute rollups this long")
     retention_1h_days: float = Field(5 * 365, gt=0, description="keep 1-hour rollups this long")
     retention_check_s: float = Field(3600, gt=0, description="run the retention job this often")
+    rollup_refresh_s: float = Field(
+        1.0, gt=0, description="plain PostgreSQL: run the rollup refresher this often"
+    )
+    rollup_settle_s: float = Field(
+        10.0,
+        ge=0,
+        description="plain PostgreSQL: a minute is rolled up this long after its end; readings "
+        "arriving later are late and their minute is recomputed",
+    )
 
     # -- observability ------------------------------------------------------------------------
     metrics_port: int = Field(0, description="Prometheus /metrics port; 0 = off")

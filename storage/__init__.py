@@ -10,6 +10,7 @@ from storage.errors import ChecksumMismatchError, MigrationError, SchemaMissingE
 from storage.migrate import Flavour, MigrateResult, load_migrations, migrate
 from storage.registry_db import RegistryLoadResult, load_registry_into
 from storage.retention import Tier, apply_retention, tiers
+from storage.rollups import RefreshResult, refresh_rollups
 from storage.writer import GROUP_ID, Writer, WriteResult, write_rows
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "Flavour",
     "MigrateResult",
     "MigrationError",
+    "RefreshResult",
     "RegistryLoadResult",
     "SchemaMissingError",
     "StorageError",
@@ -31,6 +33,7 @@ __all__ = [
     "load_migrations",
     "load_registry_into",
     "migrate",
+    "refresh_rollups",
     "tiers",
     "write_rows",
 ]

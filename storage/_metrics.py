@@ -38,3 +38,17 @@ DB_ERRORS = Counter("citypulse_writer_db_errors_total", "Failed database transac
 RETENTION_DELETED = Counter(
     "citypulse_writer_retention_deleted_total", "Rows deleted by the retention job", ["tier"]
 )
+ROLLUP_SECONDS = Histogram(
+    "citypulse_writer_rollup_refresh_seconds",
+    "Duration of one rollup refresh (plain PostgreSQL), seconds",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+ROLLUP_LATE = Counter(
+    "citypulse_writer_rollup_late_minutes_total",
+    "(sensor, metric, minute)s recomputed because a reading arrived after the minute closed",
+)
+ROLLUP_DONE = Gauge(
+    "citypulse_writer_rollup_done_timestamp_seconds",
+    "readings_1m_mat holds every minute before this (plain PostgreSQL); the views read raw "
+    "rows after it",
+)

@@ -2,9 +2,10 @@
 
 Delivery: Kafka gives at-least-once (offsets are committed only after the database transaction
 that stored the records has committed); the insert is idempotent (``ON CONFLICT DO NOTHING`` on
-``(sensor_id, metric, ts)``), and the rollups and ``sensor_status`` are updated from the rows the
-insert *returned*, in the same transaction. So a reading redelivered after a crash is stored,
-and counted in the rollups, exactly once.
+``(sensor_id, metric, ts)``), and ``sensor_status`` and the late-reading markers of the rollups
+are written from the rows the insert *returned*, in the same transaction. So a reading
+redelivered after a crash is stored, and counted in the rollups, exactly once. On plain
+PostgreSQL the writer also runs the rollup refresher (:mod:`storage.rollups`).
 
 Backpressure: when the database fails, the batch is retried with exponential backoff while the
 assigned partitions are paused (the fetcher stops; memory stays bounded by one batch plus one
@@ -21,7 +22,7 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
@@ -31,6 +32,7 @@ from citypulse.registry import Registry, load_registry
 from citypulse.service import HEALTH
 from citypulse.settings import Settings
 from storage import _metrics as m
+from storage import rollups
 from storage._decode import (
     DecodeError,
     ReadingRow,
@@ -79,30 +81,11 @@ ins AS (
 )"""
 
 
-def _rollup(table: str, unit: str) -> str:
-    # Only called with the constants below: no input reaches this SQL.
-    return f"""roll_{table[-2:]} AS (
-    INSERT INTO {table} AS r (bucket, sensor_id, metric, avg, min, max, count, sum)
-    SELECT date_trunc('{unit}', ts, 'UTC'), sensor_id, metric,
-           avg(value), min(value), max(value), count(*), sum(value)
-    FROM ins WHERE quality = 0
-    GROUP BY 1, 2, 3 ORDER BY 2, 3, 1
-    ON CONFLICT (sensor_id, metric, bucket) DO UPDATE SET
-        sum = r.sum + EXCLUDED.sum,
-        count = r.count + EXCLUDED.count,
-        avg = (r.sum + EXCLUDED.sum) / (r.count + EXCLUDED.count),
-        min = LEAST(r.min, EXCLUDED.min),
-        max = GREATEST(r.max, EXCLUDED.max)
-)"""  # noqa: S608
-
-
 WRITE_SQL = {
-    # TimescaleDB maintains readings_1m/1h itself (continuous aggregates).
+    # TimescaleDB maintains readings_1m/1h itself (continuous aggregates); on plain PostgreSQL
+    # the refresher does (storage/rollups.py), told here which readings came in late.
     Flavour.TIMESCALEDB: f"WITH {_INSERT_RAW}\nSELECT count(*) FROM ins",
-    Flavour.PLAIN: (
-        f"WITH {_INSERT_RAW},\n{_rollup('readings_1m', 'minute')},\n"
-        f"{_rollup('readings_1h', 'hour')}\nSELECT count(*) FROM ins"
-    ),
+    Flavour.PLAIN: f"WITH {_INSERT_RAW},\n{rollups.MARK_LATE}\nSELECT count(*) FROM ins",
 }
 
 _INSERT_REJECTIONS = """
@@ -160,6 +143,8 @@ async def write_rows(
     rows = readings if isinstance(readings, list) else list(readings)
     inserted = 0
     async with conn.transaction():
+        if rows and flavour is Flavour.PLAIN:
+            await conn.execute(rollups.LOCK_SHARED, rollups.WRITE_LOCK)
         if rows:
             await conn.copy_records_to_table(
                 "staging_readings", records=rows, columns=_STAGING_COLUMNS
@@ -174,6 +159,7 @@ async def write_rows(
 
 async def _init_connection(conn: Conn) -> None:
     await conn.execute(_STAGING)
+    await conn.execute(rollups.CLAIMED_TABLE)
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -245,6 +231,7 @@ class Writer:
                 async with asyncio.TaskGroup() as tg:
                     if self._flavour is Flavour.PLAIN:
                         tg.create_task(self._retention_loop(pool, stop), name="writer-retention")
+                        tg.create_task(self._rollup_loop(pool, stop), name="writer-rollups")
                     await self._consume(consumer, pool, stop)
             finally:
                 self._consuming = False
@@ -259,7 +246,7 @@ class Writer:
                 pool = await asyncpg.create_pool(
                     self._settings.dsn,
                     min_size=1,
-                    max_size=2,
+                    max_size=3,  # batches, rollup refresher, retention
                     init=_init_connection,
                     command_timeout=60,
                 )
@@ -472,7 +459,27 @@ class Writer:
             # idempotent insert ignores them. Nothing is lost.
             log.warning("offset commit failed", extra={"error": repr(exc)})
 
-    # -- retention ------------------------------------------------------------------------------
+    # -- rollups and retention (plain PostgreSQL) -----------------------------------------------
+
+    async def _rollup_loop(self, pool: asyncpg.Pool, stop: asyncio.Event) -> None:
+        settle = timedelta(seconds=self._settings.rollup_settle_s)
+        while not stop.is_set():
+            started = time.perf_counter()
+            try:
+                async with pool.acquire() as conn:
+                    done = await rollups.refresh_rollups(conn, settle=settle)
+            except Exception as exc:
+                if not _is_transient(exc):
+                    raise
+                log.warning("rollup refresh failed", extra={"error": repr(exc)})
+            else:
+                if not done.busy:
+                    m.ROLLUP_SECONDS.observe(time.perf_counter() - started)
+                    m.ROLLUP_LATE.inc(done.late)
+                    if done.done_1m is not None:
+                        m.ROLLUP_DONE.set(done.done_1m.timestamp())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self._settings.rollup_refresh_s)
 
     async def _retention_loop(self, pool: asyncpg.Pool, stop: asyncio.Event) -> None:
         tier_list = tiers(self._settings)

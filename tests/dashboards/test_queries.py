@@ -56,7 +56,7 @@ async def _fill(conn: asyncpg.Connection, reg: Registry) -> None:
         records=rows,
         columns=["ts", "sensor_id", "metric", "value", "quality", "received_at"],
     )
-    for tier, unit in (("readings_1m", "minute"), ("readings_1h", "hour")):
+    for tier, unit in (("readings_1m_mat", "minute"), ("readings_1h_mat", "hour")):
         await conn.execute(
             f"INSERT INTO {tier} (bucket, sensor_id, metric, avg, min, max, count, sum)"
             f" SELECT date_trunc('{unit}', ts), sensor_id, metric, avg(value), min(value),"

@@ -155,3 +155,19 @@ async def rollup_mismatches(c: asyncpg.Connection) -> dict[str, int]:
     for table, unit in (("readings_1m", "minute"), ("readings_1h", "hour")):
         out[table] = int(await c.fetchval(ROLLUP_MISMATCH_SQL.format(unit=unit, table=table)))
     return out
+
+
+async def wait_for_rollups(dsn: str, timeout_s: float = 15.0) -> dict[str, int]:
+    """Poll until the rollups agree with the raw rows (the writer's refresher has caught up with
+    late readings) or time out; return the last mismatch counts."""
+    c = await asyncpg.connect(dsn)
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            found = await rollup_mismatches(c)
+            if not any(found.values()) or loop.time() > deadline:
+                return found
+            await asyncio.sleep(0.2)
+    finally:
+        await c.close()
