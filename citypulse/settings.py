@@ -92,13 +92,13 @@ class Settings(BaseSettings):
     retention_1h_days: float = Field(5 * 365, gt=0, description="keep 1-hour rollups this long")
     retention_check_s: float = Field(3600, gt=0, description="run the retention job this often")
     rollup_refresh_s: float = Field(
-        1.0, gt=0, description="plain PostgreSQL: run the rollup refresher this often"
+        5.0, gt=0, description="plain PostgreSQL: fold new readings into the rollups this often"
     )
     rollup_settle_s: float = Field(
-        10.0,
+        5.0,
         ge=0,
-        description="plain PostgreSQL: a minute is rolled up this long after its end; readings "
-        "arriving later are late and their minute is recomputed",
+        description="plain PostgreSQL: readings are folded into the rollups once this old; "
+        "readings stored later than that are late and their minute is recomputed",
     )
 
     # -- observability ------------------------------------------------------------------------

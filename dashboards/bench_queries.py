@@ -76,7 +76,7 @@ async def _fill(
         end,
         timedelta(seconds=interval_s),
     )
-    for tier, unit in (("readings_1m_mat", "minute"), ("readings_1h_mat", "hour")):
+    for tier, unit in (("readings_1m", "minute"), ("readings_1h", "hour")):
         await conn.execute(
             f"INSERT INTO {tier} (bucket, sensor_id, metric, avg, min, max, count, sum)"  # noqa: S608
             f" SELECT date_trunc('{unit}', ts), sensor_id, metric, avg(value), min(value),"

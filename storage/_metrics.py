@@ -49,6 +49,5 @@ ROLLUP_LATE = Counter(
 )
 ROLLUP_DONE = Gauge(
     "citypulse_writer_rollup_done_timestamp_seconds",
-    "readings_1m_mat holds every minute before this (plain PostgreSQL); the views read raw "
-    "rows after it",
+    "The rollup tables hold every good reading older than this (plain PostgreSQL)",
 )

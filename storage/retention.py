@@ -36,9 +36,8 @@ def tiers(settings: Settings) -> tuple[Tier, ...]:
     return (
         Tier("readings", "ts", raw),
         Tier("rejections", "received_at", raw),
-        # The tables behind the readings_1m/1h views (migration 0005).
-        Tier("readings_1m_mat", "bucket", timedelta(days=settings.retention_1m_days)),
-        Tier("readings_1h_mat", "bucket", timedelta(days=settings.retention_1h_days)),
+        Tier("readings_1m", "bucket", timedelta(days=settings.retention_1m_days)),
+        Tier("readings_1h", "bucket", timedelta(days=settings.retention_1h_days)),
     )
 
 

@@ -1,25 +1,26 @@
-"""Rollups on plain PostgreSQL: minutes materialised once closed, open buckets read raw.
+"""Rollups on plain PostgreSQL, folded from the raw rows every few seconds.
 
 TimescaleDB keeps ``readings_1m``/``readings_1h`` itself (continuous aggregates). Without it,
-migration 0005 makes them views over ``readings_1m_mat``/``readings_1h_mat`` (the minutes before
-``rollup_state.done_1m``) and the raw rows from ``done_1m`` on. :func:`refresh_rollups`, run by
-the writer every ``rollup_refresh_s``, moves ``done_1m`` forward and recomputes the minutes of
-late readings, which the write transaction flags with :data:`MARK_LATE`.
+:func:`refresh_rollups`, run by the writer every ``rollup_refresh_s``, adds the good readings
+of ``[done_at, now - settle)`` to both tables, moves ``rollup_state.done_at``, and recomputes
+the minutes of late readings (stored behind ``mark_from``), which the write transaction flags
+with :data:`MARK_LATE`. The tables hold exactly the good readings older than ``done_at``.
 
 Why nothing is missed or counted twice:
 
-* ``mark_from`` (readings behind it are flagged) moves under an exclusive advisory lock that
-  every write transaction holds shared (:data:`WRITE_LOCK`): once the move commits, every
-  earlier write has committed and every later one sees the new mark.
+* ``mark_from`` moves under an exclusive advisory lock that every write transaction holds
+  shared (:data:`WRITE_LOCK`): once the move commits, every earlier write has committed and
+  every later one sees the new mark and flags its readings behind it.
 * One transaction claims the dirty markers (``SKIP LOCKED``: a marker a write in flight holds
   stays for the next round; a write that finds its marker claimed waits, then leaves a new
-  one), then, in later statements and so later snapshots, computes the minutes
-  ``[done_1m, min(mark_from, done_1m + MAX_SPAN))`` of every sensor from the raw rows, adds
-  them to their hours, recomputes the claimed (sensor, metric, minute)s and their hours, and
-  moves ``done_1m``: all or nothing.
+  one), then, in later statements and so later snapshots, adds the stretch
+  ``[done_at, min(mark_from, done_at + MAX_SPAN))`` once (stretches never overlap), moves
+  ``done_at``, and recomputes each claimed minute from its raw rows before ``done_at``, then its
+  hour from the minute rows: all or nothing. A recomputation replaces a row, so a reading both
+  added with its stretch and flagged is still counted once.
 * A recomputation replaces a row only when it counts more readings (``EXCLUDED.count >
-  r.count``): raw rows are only ever added, except by retention, so a recomputation after raw
-  retention pruned a minute keeps the old row instead of shrinking it.
+  r.count``): raw rows are only ever added, except by retention, so recomputing a minute whose
+  raw rows retention pruned keeps the old row instead of shrinking it.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from storage.errors import Conn
 
 WRITE_LOCK = 0x43_50_52_4F_4C_57  # "CPROLW": held shared by writes, exclusive to move the mark
 REFRESH_LOCK = 0x43_50_52_4F_4C_52  # "CPROLR": one refresher at a time across writers
+SETTLE = timedelta(seconds=5)
+"""Default: readings this close to now are left for the next refresh, not yet late."""
 MAX_SPAN = timedelta(minutes=5)
 """Raw time materialised per refresh, at most: catching up after an outage (writers were down,
 Kafka kept the readings) stays in transactions of seconds even at 50,000 readings/s, and the
@@ -65,39 +68,7 @@ WITH gone AS (
 INSERT INTO rollup_claimed SELECT * FROM gone
 """
 
-_REPLACE_1M = """
-ON CONFLICT (sensor_id, metric, bucket) DO UPDATE SET
-    avg = EXCLUDED.avg, min = EXCLUDED.min, max = EXCLUDED.max, count = EXCLUDED.count,
-    sum = EXCLUDED.sum
-WHERE EXCLUDED.count > r.count"""
-
-_MINUTES = f"""
-INSERT INTO readings_1m_mat AS r (bucket, sensor_id, metric, avg, min, max, count, sum)
-SELECT date_trunc('minute', ts, 'UTC'), sensor_id, metric, avg(value), min(value), max(value),
-       count(*), sum(value)
-FROM readings
-WHERE quality = 0 AND ts >= $1 AND ts < $2
-GROUP BY 1, 2, 3{_REPLACE_1M}"""  # noqa: S608 (constants only)
-
-_LATE_MINUTES = f"""
-INSERT INTO readings_1m_mat AS r (bucket, sensor_id, metric, avg, min, max, count, sum)
-SELECT k.bucket, k.sensor_id, k.metric, avg(x.value), min(x.value), max(x.value), count(*),
-       sum(x.value)
-FROM rollup_claimed k
-JOIN readings x ON x.sensor_id = k.sensor_id AND x.metric = k.metric
-               AND x.ts >= k.bucket AND x.ts < k.bucket + interval '1 minute'
-WHERE x.quality = 0 AND k.bucket < $1
-GROUP BY 1, 2, 3{_REPLACE_1M}"""  # noqa: S608 (constants only)
-
-# The new minutes were not in the hour rows yet (they hold minutes before done_1m): adding them
-# once is exact, and cheaper than re-reading the hour.
-_ADD_HOURS = """
-INSERT INTO readings_1h_mat AS r (bucket, sensor_id, metric, avg, min, max, count, sum)
-SELECT date_trunc('hour', bucket, 'UTC'), sensor_id, metric, sum(sum) / sum(count), min(min),
-       max(max), sum(count)::bigint, sum(sum)
-FROM readings_1m_mat
-WHERE bucket >= $1 AND bucket < $2
-GROUP BY 1, 2, 3
+_ADD = """
 ON CONFLICT (sensor_id, metric, bucket) DO UPDATE SET
     sum = r.sum + EXCLUDED.sum,
     count = r.count + EXCLUDED.count,
@@ -105,16 +76,51 @@ ON CONFLICT (sensor_id, metric, bucket) DO UPDATE SET
     min = LEAST(r.min, EXCLUDED.min),
     max = GREATEST(r.max, EXCLUDED.max)"""
 
+_REPLACE = """
+ON CONFLICT (sensor_id, metric, bucket) DO UPDATE SET
+    avg = EXCLUDED.avg, min = EXCLUDED.min, max = EXCLUDED.max, count = EXCLUDED.count,
+    sum = EXCLUDED.sum
+WHERE EXCLUDED.count > r.count"""
+
+# The stretch is read once and added to both tiers.
+_FOLD = f"""
+WITH new AS (
+    SELECT date_trunc('minute', ts, 'UTC') AS bucket, sensor_id, metric, min(value) AS min,
+           max(value) AS max, count(*) AS count, sum(value) AS sum
+    FROM readings
+    WHERE quality = 0 AND ts >= $1 AND ts < $2
+    GROUP BY 1, 2, 3
+), minutes AS (
+    INSERT INTO readings_1m AS r (bucket, sensor_id, metric, avg, min, max, count, sum)
+    SELECT bucket, sensor_id, metric, sum / count, min, max, count, sum FROM new{_ADD}
+), hours AS (
+    INSERT INTO readings_1h AS r (bucket, sensor_id, metric, avg, min, max, count, sum)
+    SELECT date_trunc('hour', bucket, 'UTC'), sensor_id, metric, sum(sum) / sum(count),
+           min(min), max(max), sum(count)::bigint, sum(sum)
+    FROM new GROUP BY 1, 2, 3{_ADD}
+)
+SELECT count(*) FROM new"""  # noqa: S608 (constants only)
+
+# The minute's raw rows before done_at ($1): the later ones belong to future stretches.
+_LATE_MINUTES = f"""
+INSERT INTO readings_1m AS r (bucket, sensor_id, metric, avg, min, max, count, sum)
+SELECT k.bucket, k.sensor_id, k.metric, avg(x.value), min(x.value), max(x.value), count(*),
+       sum(x.value)
+FROM rollup_claimed k
+JOIN readings x ON x.sensor_id = k.sensor_id AND x.metric = k.metric
+               AND x.ts >= k.bucket AND x.ts < LEAST(k.bucket + interval '1 minute', $1)
+WHERE x.quality = 0
+GROUP BY 1, 2, 3{_REPLACE}"""  # noqa: S608 (constants only)
+
 _LATE_HOURS = f"""
-INSERT INTO readings_1h_mat AS r (bucket, sensor_id, metric, avg, min, max, count, sum)
+INSERT INTO readings_1h AS r (bucket, sensor_id, metric, avg, min, max, count, sum)
 SELECT h.hour, h.sensor_id, h.metric, sum(m.sum) / sum(m.count), min(m.min), max(m.max),
        sum(m.count)::bigint, sum(m.sum)
 FROM (SELECT DISTINCT sensor_id, metric, date_trunc('hour', bucket, 'UTC') AS hour
       FROM rollup_claimed WHERE bucket < $1) h
-JOIN readings_1m_mat m ON m.sensor_id = h.sensor_id AND m.metric = h.metric
-                      AND m.bucket >= h.hour AND m.bucket < h.hour + interval '1 hour'
-WHERE m.bucket < $2
-GROUP BY 1, 2, 3{_REPLACE_1M}"""  # noqa: S608 (constants only)
+JOIN readings_1m m ON m.sensor_id = h.sensor_id AND m.metric = h.metric
+                  AND m.bucket >= h.hour AND m.bucket < h.hour + interval '1 hour'
+GROUP BY 1, 2, 3{_REPLACE}"""  # noqa: S608 (constants only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,22 +128,16 @@ class RefreshResult:
     """What one :func:`refresh_rollups` did.
 
     Attributes:
-        done_1m: the minute table is complete before this (the views read raw rows after).
-        minutes: minute rows written (closed minutes and recomputed late ones).
-        late: dirty markers claimed and recomputed.
+        done_at: the rollup tables hold every good reading older than this.
+        folded: (sensor, metric, minute) rows the new stretch added to.
+        late: dirty markers claimed: minutes recomputed for late readings.
         busy: another refresher held the lock; nothing was done.
     """
 
-    done_1m: datetime | None
-    minutes: int = 0
+    done_at: datetime | None
+    folded: int = 0
     late: int = 0
     busy: bool = False
-
-
-def closed_minute(now: datetime, settle: timedelta) -> datetime:
-    """The newest minute boundary at least ``settle`` in the past: minutes before it are closed."""
-    t = now - settle
-    return t.replace(second=0, microsecond=0)
 
 
 def _rows(status: str) -> int:
@@ -148,20 +148,20 @@ async def refresh_rollups(
     conn: Conn,
     now: datetime | None = None,
     *,
-    settle: timedelta = timedelta(seconds=10),
+    settle: timedelta = SETTLE,
     max_span: timedelta = MAX_SPAN,
 ) -> RefreshResult:
-    """Move the rollups' watermark to the last closed minute and recompute late minutes.
+    """Fold the raw rows up to ``now - settle`` into the rollups; recompute late minutes.
 
     Args:
         conn: a connection with the ``rollup_claimed`` temp table (:data:`CLAIMED_TABLE`),
             of a role with the writer's grants; not inside a transaction.
         now: the wall clock (aware); default: now.
-        settle: how long after its end a minute is closed; readings for a closed minute are
-            late (flagged and recomputed) rather than simply included.
-        max_span: raw time materialised by this call, at most.
+        settle: readings this close to ``now`` wait for the next refresh; older ones arriving
+            after it are late (flagged, their minute recomputed).
+        max_span: raw time folded by this call, at most.
     """
-    target = closed_minute(now or datetime.now(UTC), settle)
+    target = ((now or datetime.now(UTC)) - settle).replace(microsecond=0)
     async with conn.transaction():
         # Not while a refresh runs: a write waiting on a claimed marker, that refresh waiting
         # on this row, this waiting on that write's shared lock would be a deadlock.
@@ -177,18 +177,16 @@ async def refresh_rollups(
         if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", REFRESH_LOCK):
             return RefreshResult(None, busy=True)
         late = _rows(await conn.execute(_CLAIM))
-        state = await conn.fetchrow("SELECT mark_from, done_1m FROM rollup_state")
+        state = await conn.fetchrow("SELECT mark_from, done_at FROM rollup_state")
         assert state is not None  # one row, made by migration 0005
-        start: datetime = state["done_1m"]
-        end: datetime = min(state["mark_from"], start + max_span)
-        minutes = 0
-        if end > start:
-            minutes += _rows(await conn.execute(_MINUTES, start, end))
+        done: datetime = state["done_at"]
+        end: datetime = min(state["mark_from"], done + max_span)
+        folded = 0
+        if end > done:
+            folded = int(await conn.fetchval(_FOLD, done, end))
+            await conn.execute("UPDATE rollup_state SET done_at = $1", end)
+            done = end
         if late:
-            minutes += _rows(await conn.execute(_LATE_MINUTES, start))
-        if end > start:
-            await conn.execute(_ADD_HOURS, start, end)
-            await conn.execute("UPDATE rollup_state SET done_1m = $1", end)
-        if late:
-            await conn.execute(_LATE_HOURS, start, end)
-    return RefreshResult(end, minutes, late)
+            await conn.execute(_LATE_MINUTES, done)
+            await conn.execute(_LATE_HOURS, done)
+    return RefreshResult(done, folded, late)

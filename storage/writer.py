@@ -476,8 +476,8 @@ class Writer:
                 if not done.busy:
                     m.ROLLUP_SECONDS.observe(time.perf_counter() - started)
                     m.ROLLUP_LATE.inc(done.late)
-                    if done.done_1m is not None:
-                        m.ROLLUP_DONE.set(done.done_1m.timestamp())
+                    if done.done_at is not None:
+                        m.ROLLUP_DONE.set(done.done_at.timestamp())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self._settings.rollup_refresh_s)
 

@@ -18,7 +18,7 @@ import pytest
 from citypulse.registry import Registry, load_registry
 from citypulse.settings import Settings
 from dashboards import SqlFormat, Tier, Variable, build_all, expand, iter_targets, to_json
-from dashboards._sql import in_sensors, series
+from dashboards._sql import series
 from storage.migrate import migrate
 from storage.registry_db import load_registry_into
 
@@ -56,7 +56,7 @@ async def _fill(conn: asyncpg.Connection, reg: Registry) -> None:
         records=rows,
         columns=["ts", "sensor_id", "metric", "value", "quality", "received_at"],
     )
-    for tier, unit in (("readings_1m_mat", "minute"), ("readings_1h_mat", "hour")):
+    for tier, unit in (("readings_1m", "minute"), ("readings_1h", "hour")):
         await conn.execute(
             f"INSERT INTO {tier} (bucket, sensor_id, metric, avg, min, max, count, sum)"
             f" SELECT date_trunc('{unit}', ts), sensor_id, metric, avg(value), min(value),"
@@ -247,34 +247,6 @@ async def test_tiers_agree_for_the_same_range(city: tuple[asyncpg.Connection, Re
     text = "\n".join(r[0] for r in plan)
     assert "readings_1m" in text
     assert "readings_1h" not in text  # the false guards are folded away at plan time
-
-
-async def test_sensor_filters_reach_the_raw_rows_of_the_open_minutes(
-    city: tuple[asyncpg.Connection, Registry],
-) -> None:
-    """On plain PostgreSQL the rollup views aggregate the open minutes' raw rows as they are
-    read; a panel's sensor filter must apply before that aggregate, or every panel query
-    aggregates the whole city's latest readings (785 ms against 32 ms with 600,000 of them)."""
-    conn, reg = city
-    district = f"district = '{reg.sensors[2].district}'"
-    where = f"metric = 'pm25' AND {in_sensors(district)}"
-    for tier in (Tier.MINUTE, Tier.HOUR):
-        sql = expand(
-            series(where, "p.metric", tier=tier),
-            time_from=END - timedelta(hours=HOURS),
-            time_to=END,
-            interval=timedelta(minutes=1),
-        )
-        plan = [r[0] for r in await conn.fetch("EXPLAIN " + sql)]
-        raw = [i for i, line in enumerate(plan) if " on readings " in line]
-        assert raw, plan
-        for i in raw:  # the scan's own condition lines, up to the next plan node
-            own = []
-            for line in plan[i + 1 :]:
-                if "->" in line:
-                    break
-                own.append(line)
-            assert any("sensor_id = ANY" in line for line in own), "\n".join(plan)
 
 
 async def test_timescaledb_variant(city: tuple[asyncpg.Connection, Registry]) -> None:

@@ -51,7 +51,7 @@ async def test_writer_cannot_change_schema_or_roles(conn: asyncpg.Connection, sq
         "DELETE FROM readings",
         "TRUNCATE readings",
         "UPDATE sensors SET vendor = 'x'",
-        "INSERT INTO readings_1m_mat SELECT * FROM readings_1m_mat",
+        "INSERT INTO readings_1m SELECT * FROM readings_1m",
         "DROP TABLE readings",
     ],
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
@@ -141,7 +142,7 @@ ROLLUP_MISMATCH_SQL = """
 WITH truth AS (
     SELECT date_trunc({unit!r}, ts, 'UTC') AS bucket, sensor_id, metric,
            avg(value) AS avg, min(value) AS min, max(value) AS max, count(*) AS count
-    FROM readings WHERE quality = 0 GROUP BY 1, 2, 3
+    FROM readings WHERE quality = 0 AND ts < $1 GROUP BY 1, 2, 3
 )
 SELECT count(*) FROM truth t FULL JOIN {table} r USING (bucket, sensor_id, metric)
 WHERE t.count IS DISTINCT FROM r.count OR t.min IS DISTINCT FROM r.min
@@ -149,17 +150,21 @@ WHERE t.count IS DISTINCT FROM r.count OR t.min IS DISTINCT FROM r.min
 """
 
 
-async def rollup_mismatches(c: asyncpg.Connection) -> dict[str, int]:
-    """Rows where a rollup disagrees with a GROUP BY over the raw readings (0 = agree)."""
+async def rollup_mismatches(
+    c: asyncpg.Connection, before: datetime | None = None
+) -> dict[str, int]:
+    """Rows where a rollup disagrees with a GROUP BY over the raw readings older than
+    ``before`` (default: all of them); 0 = agree."""
     out = {}
     for table, unit in (("readings_1m", "minute"), ("readings_1h", "hour")):
-        out[table] = int(await c.fetchval(ROLLUP_MISMATCH_SQL.format(unit=unit, table=table)))
+        sql = ROLLUP_MISMATCH_SQL.format(unit=unit, table=table)
+        out[table] = int(await c.fetchval(sql, before or datetime.max.replace(tzinfo=UTC)))
     return out
 
 
-async def wait_for_rollups(dsn: str, timeout_s: float = 15.0) -> dict[str, int]:
-    """Poll until the rollups agree with the raw rows (the writer's refresher has caught up with
-    late readings) or time out; return the last mismatch counts."""
+async def wait_for_rollups(dsn: str, timeout_s: float = 30.0) -> dict[str, int]:
+    """Poll until the rollups agree with the raw rows (the writer's refresher has folded them
+    and recomputed the late ones) or time out; return the last mismatch counts."""
     c = await asyncpg.connect(dsn)
     try:
         loop = asyncio.get_running_loop()
