@@ -35,9 +35,8 @@ REFRESH_LOCK = 0x43_50_52_4F_4C_52  # "CPROLR": one refresher at a time across w
 SETTLE = timedelta(seconds=5)
 """Default: readings this close to now are left for the next refresh, not yet late."""
 MAX_SPAN = timedelta(minutes=5)
-"""Raw time materialised per refresh, at most: catching up after an outage (writers were down,
-Kafka kept the readings) stays in transactions of seconds even at 50,000 readings/s, and the
-views read the raw rows meanwhile, so nothing is missing."""
+"""Raw time folded per refresh, at most: catching up after an outage (writers were down, Kafka
+kept the readings) stays in transactions of seconds even at 50,000 readings/s."""
 
 LOCK_SHARED = "SELECT pg_advisory_xact_lock_shared($1)"
 """The write transaction's first statement (with :data:`WRITE_LOCK`)."""
