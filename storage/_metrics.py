@@ -45,7 +45,7 @@ ROLLUP_SECONDS = Histogram(
 )
 ROLLUP_LATE = Counter(
     "citypulse_writer_rollup_late_minutes_total",
-    "(sensor, metric, minute)s recomputed because a reading arrived after the minute closed",
+    "(sensor, metric, minute)s recomputed because a reading was stored behind the fold",
 )
 ROLLUP_DONE = Gauge(
     "citypulse_writer_rollup_done_timestamp_seconds",
