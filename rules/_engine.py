@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -18,7 +17,7 @@ import orjson
 
 from citypulse.events import AlertEvent, AlertState, CommandEvent
 from citypulse.registry import Registry, Sensor
-from rules._expr import Ctx, SensorState, Series, render_value
+from rules._expr import _NEVER_HI, _NEVER_LO, Ctx, SensorState, Series, render_value
 from rules._load import Rule, RuleSet, group_member
 from rules._model import group_value
 
@@ -27,7 +26,6 @@ log = logging.getLogger("citypulse.rules")
 SNAPSHOT_VERSION = 2
 _MAGIC = b"CPE2"
 EvalScope = Literal["sensor", "group", "all"]
-_NEVER = -math.inf
 GROUP_LATENESS_MS = 30_000
 """Group rules' metrics are kept this much longer than their windows: the runtime's group
 stage gets a batch once per group key, and one key's batches can be evaluated after another
@@ -342,7 +340,7 @@ class RuleEngine:
             for rule, sensor_ids in self._tick_sensor:
                 name = rule.name
                 for sid in sensor_ids:
-                    if quiet.get((name, sid), _NEVER) <= now_ms:
+                    if quiet.get((name, sid), _NEVER_LO) <= now_ms:
                         self._eval_sensor(rule, states[sid], now_ms, out)
         if scope != "sensor":
             for rule, groups in self._tick_group:
@@ -616,7 +614,7 @@ class RuleEngine:
         if not rule.uses_stale:
             self._evaluate(rule, st.sensor.id, now, out)
             return
-        c.lo_ms, c.hi_ms = -math.inf, math.inf
+        c.lo_ms, c.hi_ms = _NEVER_LO, _NEVER_HI
         if self._evaluate(rule, st.sensor.id, now, out):
             self._quiet[(rule.name, st.sensor.id)] = c.hi_ms
         else:

@@ -20,7 +20,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -143,9 +143,9 @@ async def write_rows(
     rows = readings if isinstance(readings, list) else list(readings)
     inserted = 0
     async with conn.transaction():
-        if rows and flavour is Flavour.PLAIN:
-            await conn.execute(rollups.LOCK_SHARED, rollups.WRITE_LOCK)
         if rows:
+            if flavour is Flavour.PLAIN:
+                await conn.execute(rollups.LOCK_SHARED, rollups.WRITE_LOCK)
             await conn.copy_records_to_table(
                 "staging_readings", records=rows, columns=_STAGING_COLUMNS
             )
@@ -461,43 +461,52 @@ class Writer:
 
     # -- rollups and retention (plain PostgreSQL) -----------------------------------------------
 
-    async def _rollup_loop(self, pool: asyncpg.Pool, stop: asyncio.Event) -> None:
-        settle = timedelta(seconds=self._settings.rollup_settle_s)
+    async def _every(
+        self,
+        pool: asyncpg.Pool,
+        stop: asyncio.Event,
+        every_s: float,
+        what: str,
+        job: Callable[[Conn], Awaitable[None]],
+    ) -> None:
+        """Run ``job`` on a pooled connection every ``every_s`` until ``stop``; a transient
+        failure is logged and the job runs again next time."""
         while not stop.is_set():
-            started = time.perf_counter()
             try:
                 async with pool.acquire() as conn:
-                    done = await rollups.refresh_rollups(conn, settle=settle)
+                    await job(conn)
             except Exception as exc:
                 if not _is_transient(exc):
                     raise
-                log.warning("rollup refresh failed", extra={"error": repr(exc)})
-            else:
-                if not done.busy:
-                    m.ROLLUP_SECONDS.observe(time.perf_counter() - started)
-                    m.ROLLUP_LATE.inc(done.late)
-                    if done.done_at is not None:
-                        m.ROLLUP_DONE.set(done.done_at.timestamp())
+                log.warning(f"{what} failed", extra={"error": repr(exc)})
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self._settings.rollup_refresh_s)
+                await asyncio.wait_for(stop.wait(), every_s)
+
+    async def _rollup_loop(self, pool: asyncpg.Pool, stop: asyncio.Event) -> None:
+        settle = timedelta(seconds=self._settings.rollup_settle_s)
+
+        async def refresh(conn: Conn) -> None:
+            started = time.perf_counter()
+            done = await rollups.refresh_rollups(conn, settle=settle)
+            if not done.busy:
+                m.ROLLUP_SECONDS.observe(time.perf_counter() - started)
+                m.ROLLUP_LATE.inc(done.late)
+                if done.done_at is not None:
+                    m.ROLLUP_DONE.set(done.done_at.timestamp())
+
+        await self._every(pool, stop, self._settings.rollup_refresh_s, "rollup refresh", refresh)
 
     async def _retention_loop(self, pool: asyncpg.Pool, stop: asyncio.Event) -> None:
         tier_list = tiers(self._settings)
-        while not stop.is_set():
-            try:
-                async with pool.acquire() as conn:
-                    deleted = await apply_retention(conn, tier_list, datetime.now(UTC))
-            except Exception as exc:
-                if not _is_transient(exc):
-                    raise
-                log.warning("retention job failed", extra={"error": repr(exc)})
-            else:
-                for table, n in deleted.items():
-                    m.RETENTION_DELETED.labels(table).inc(n)
-                if any(deleted.values()):
-                    log.info("retention job", extra={"deleted": deleted})
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self._settings.retention_check_s)
+
+        async def prune(conn: Conn) -> None:
+            deleted = await apply_retention(conn, tier_list, datetime.now(UTC))
+            for table, n in deleted.items():
+                m.RETENTION_DELETED.labels(table).inc(n)
+            if any(deleted.values()):
+                log.info("retention job", extra={"deleted": deleted})
+
+        await self._every(pool, stop, self._settings.retention_check_s, "retention job", prune)
 
 
 def _is_transient(exc: BaseException) -> bool:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
 import asyncpg
 import pytest
@@ -14,6 +15,8 @@ import pytest
 from citypulse.events import Reading, ReadingBatch
 from citypulse.settings import Settings
 from storage import migrate
+
+T = TypeVar("T")
 
 REGISTRY_YAML = """\
 version: 1
@@ -119,23 +122,35 @@ def count_readings(batches: Iterable[ReadingBatch]) -> int:
     return len({(b.sensor, r.metric, r.ts_ms) for b in batches for r in b.readings})
 
 
+async def _poll(
+    dsn: str,
+    read: Callable[[asyncpg.Connection], Awaitable[T]],
+    done: Callable[[T], bool],
+    timeout_s: float,
+) -> T:
+    """Read every 0.1 s until ``done(value)`` or ``timeout_s``; return the last value."""
+    c = await asyncpg.connect(dsn)
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            value = await read(c)
+            if done(value) or loop.time() > deadline:
+                return value
+            await asyncio.sleep(0.1)
+    finally:
+        await c.close()
+
+
 async def wait_for_rows(
     dsn: str, expected: int, table: str = "readings", timeout_s: float = 20.0
 ) -> int:
     """Poll until ``table`` holds ``expected`` rows (or time out); return the last count."""
-    c = await asyncpg.connect(dsn)
-    try:
-        n = -1
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while loop.time() < deadline:
-            n = await c.fetchval(f"SELECT count(*) FROM {table}")
-            if n >= expected:
-                return int(n)
-            await asyncio.sleep(0.1)
-        return int(n)
-    finally:
-        await c.close()
+
+    async def count(c: asyncpg.Connection) -> int:
+        return int(await c.fetchval(f"SELECT count(*) FROM {table}"))
+
+    return await _poll(dsn, count, lambda n: n >= expected, timeout_s)
 
 
 ROLLUP_MISMATCH_SQL = """
@@ -165,14 +180,4 @@ async def rollup_mismatches(
 async def wait_for_rollups(dsn: str, timeout_s: float = 30.0) -> dict[str, int]:
     """Poll until the rollups agree with the raw rows (the writer's refresher has folded them
     and recomputed the late ones) or time out; return the last mismatch counts."""
-    c = await asyncpg.connect(dsn)
-    try:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while True:
-            found = await rollup_mismatches(c)
-            if not any(found.values()) or loop.time() > deadline:
-                return found
-            await asyncio.sleep(0.2)
-    finally:
-        await c.close()
+    return await _poll(dsn, rollup_mismatches, lambda found: not any(found.values()), timeout_s)
