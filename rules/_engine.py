@@ -20,6 +20,7 @@ from citypulse.registry import Registry, Sensor
 from rules._expr import _NEVER_HI, _NEVER_LO, Ctx, SensorState, Series, render_value
 from rules._load import Rule, RuleSet, group_member
 from rules._model import group_value
+from rules._select import SensorLookup
 
 log = logging.getLogger("citypulse.rules")
 
@@ -136,6 +137,7 @@ class _Index:
         self.tick_sensor_rules: list[tuple[Rule, list[str]]] = []
         self.tick_group_rules: list[tuple[Rule, list[str]]] = []
         keys: dict[str, set[str]] = {}
+        lookup = SensorLookup.of(registry)
         for rule in ruleset.rules:
             late = GROUP_LATENESS_MS if rule.scope == "group" else 0
             for keep in (self.retention_ms["all"], self.retention_ms[rule.scope]):
@@ -143,7 +145,7 @@ class _Index:
                     keep[metric] = max(keep.get(metric, 0), round(window_s * 1000) + late)
                 if rule.action is not None:
                     keep.setdefault(rule.action.command.setting, 0)
-            covered = [s for s in registry if rule.covers(s)]
+            covered = lookup.matching(rule.select, rule.metrics)
             if rule.scope == "sensor":
                 for s in covered:
                     self.sensor_rules.setdefault(s.id, []).append(rule)
@@ -155,9 +157,7 @@ class _Index:
             comps = [lv.cond for lv in rule.levels]
             comps += [c for c in (rule.clear, rule.action_value) if c is not None]
             selectors = [sel for c in comps for sel in c.selectors]
-            for s in registry:
-                if not rule.select.matches(s):
-                    continue
+            for s in lookup.matching(rule.select):
                 g = group_value(s, rule.group_by)
                 if g is None:
                     continue

@@ -18,6 +18,7 @@ from citypulse.registry import Registry, Sensor
 from citypulse.yamlsrc import Located, Locator, YamlSourceError, parse_located
 from rules._expr import Compiled, ExprError, Scope, Type, compile_expr
 from rules._model import GROUP_FIELDS, Action, RuleSpec, Selector
+from rules._select import SensorLookup
 
 TEMPLATE_FIELDS = frozenset(
     {"sensor", "vendor", "silo", "district", "asset", "group", "group_by", "rule", "severity"}
@@ -225,6 +226,7 @@ def parse_rules_text(
     errors: list[Located] = []
     warnings: list[Located] = []
     rules: list[Rule] = []
+    lookup = None if registry is None else SensorLookup.of(registry)
     for key in data:
         if key != "groups":
             errors.append(locator.at([key], f"unknown key {key!r} (expected 'groups')"))
@@ -257,7 +259,7 @@ def parse_rules_text(
         for ri, raw in enumerate(group["rules"]):
             path: list[str | int] = [*where, "rules", ri]
             name = raw.get("name") if isinstance(raw, dict) else None
-            builder = _RuleBuilder(locator, path, str(name or f"rules[{ri}]"), registry)
+            builder = _RuleBuilder(locator, path, str(name or f"rules[{ri}]"), lookup)
             rule = builder.build(raw, gname, file, version)
             if rule is not None and rule.scope == "group" and interval_ms:
                 rule = replace(rule, interval_ms=interval_ms)
@@ -270,12 +272,12 @@ def parse_rules_text(
 
 class _RuleBuilder:
     def __init__(
-        self, locator: Locator, path: list[str | int], name: str, registry: Registry | None
+        self, locator: Locator, path: list[str | int], name: str, lookup: SensorLookup | None
     ) -> None:
         self.locator = locator
         self.path = path
         self.name = name
-        self.registry = registry
+        self.lookup = lookup
         self.errors: list[Located] = []
         self.warnings: list[Located] = []
 
@@ -397,7 +399,7 @@ class _RuleBuilder:
             uses_stale=any(c.uses_stale for c in compiled),
             window_s=window_s,
         )
-        if self.registry is not None:
+        if self.lookup is not None:
             self.check_registry(rule, compiled)
         return rule
 
@@ -448,8 +450,8 @@ class _RuleBuilder:
         return tuple(parts)
 
     def check_registry(self, rule: Rule, compiled: list[Compiled]) -> None:
-        assert self.registry is not None
-        sensors = [s for s in self.registry if rule.spec.select.matches(s)]
+        assert self.lookup is not None
+        sensors = self.lookup.matching(rule.spec.select)
         if not sensors:
             self.warn(
                 ["select"] if "select" in rule.spec.model_fields_set else [],
@@ -478,7 +480,7 @@ class _RuleBuilder:
             cmd = action.command
             targets = [
                 s
-                for s in self.registry
+                for s in self.lookup.sensors
                 if s.actuator
                 and (cmd.sensor is None or s.id == cmd.sensor)
                 and (cmd.select is None or cmd.select.matches(s))

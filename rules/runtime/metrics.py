@@ -47,4 +47,9 @@ SNAPSHOT_BYTES = Gauge(
     "Size of the partition's latest state snapshot record (the state topic allows 64 MiB)",
     ["stage", "partition"],
 )
+PARTITIONS = Gauge(
+    "citypulse_rules_partitions",
+    "Partitions this worker holds, with their engines built and state restored, by stage",
+    ["stage"],
+)
 RELOADS = Counter("citypulse_rules_reloads_total", "Rule reloads by outcome", ["outcome"])

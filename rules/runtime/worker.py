@@ -309,6 +309,7 @@ class _Stage(ConsumerRebalanceListener):  # type: ignore[misc]
         self._evaluations = metrics.EVALUATIONS.labels(name)
         self._evaluation_s = metrics.EVALUATION_SECONDS.labels(name)
         self._readings = metrics.READINGS.labels(name)
+        self._held = metrics.PARTITIONS.labels(name)
 
     # -- rebalance ----------------------------------------------------------------------------
     async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
@@ -317,6 +318,7 @@ class _Stage(ConsumerRebalanceListener):  # type: ignore[misc]
             await self._checkpoint(mine, force=True)
             for tp in revoked:
                 self.parts.pop(tp.partition, None)
+            self._held.set(len(self.parts))
             self.w.count_alerts()  # polls without effects no longer refresh the gauges
             gc.unfreeze()  # the dropped engines are cyclic: let the collector have them
         log.info("partitions revoked", extra={"stage": self.name, "partitions": len(revoked)})
@@ -347,6 +349,7 @@ class _Stage(ConsumerRebalanceListener):  # type: ignore[misc]
                     part.seen = snap.seen
                     self.consumer.seek(tp, snap.offset)
                 self.parts[tp.partition] = part
+            self._held.set(len(self.parts))
             self.w.count_alerts()
             settle_heap()  # engines live until revocation: keep full collections off them
             log.info(

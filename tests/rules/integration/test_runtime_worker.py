@@ -264,7 +264,7 @@ async def test_alert_gauge_counts_restored_alerts_at_once(rt_settings: Settings)
     """``citypulse_rules_alerts{state="firing"}`` counts the firing alerts of the partitions
     a worker holds: a restarted worker reports the ones it restored from its snapshot as soon
     as it owns the partitions, before any new reading arrives (a poll without effects does
-    not refresh the gauge)."""
+    not refresh the gauge). ``citypulse_rules_partitions`` counts the partitions it holds."""
     from rules.runtime import metrics
 
     async def gauge() -> float:
@@ -276,8 +276,12 @@ async def test_alert_gauge_counts_restored_alerts_at_once(rt_settings: Settings)
         # The sensor's alert and its district's (average 1.2 < 1.5): both stages fire one.
         await eventually(gauge, lambda v: v == 2)
     metrics.ALERTS.labels("firing").set(0)  # as in a new process
-    async with running_worker(rt_settings):
+    async with running_worker(rt_settings) as worker:
         assert await gauge() == 2
+        # The partitions gauge: what an operator (and the bench) waits on before load.
+        for stage in worker.stages:
+            held = _metric("citypulse_rules_partitions", stage=stage.name)
+            assert held == len(stage.parts) == rt_settings.partitions
 
 
 INTERVAL_RULES = """
