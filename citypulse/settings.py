@@ -66,6 +66,12 @@ class Settings(BaseSettings):
     )
     kafka_linger_ms: int = 5
     kafka_fetch_max_wait_ms: int = Field(15, description="keep low: tansu holds every fetch")
+    kafka_bulk_fetch_max_wait_ms: int = Field(
+        50,
+        description="fetch wait of consumers off the sensor-alert path (the writer, the rules' "
+        "group stage): tansu holds a fetch this long when there is nothing new, and every "
+        "fetch costs it CPU",
+    )
     kafka_max_batch_bytes: int = 1_048_576
 
     # -- collector ----------------------------------------------------------------------------

@@ -221,7 +221,7 @@ class Writer:
         try:
             await self._prepare(pool)
             await ensure_topics(self._settings, ("readings", "deadletter"))
-            consumer = make_consumer(self._settings, group_id=self._group_id)
+            consumer = make_consumer(self._settings, group_id=self._group_id, bulk=True)
             consumer.subscribe(
                 [self._readings_topic, self._deadletter_topic], listener=_Rebalance(self)
             )

@@ -375,6 +375,7 @@ class _Stage(ConsumerRebalanceListener):  # type: ignore[misc]
         self.consumer = make_consumer(
             self.w.settings,
             group_id=self.group_id,
+            bulk=self.name == "group",  # off the sensor-alert path (make_consumer)
             max_poll_records=self.w.options.max_poll_records,
             session_timeout_ms=self.w.options.session_timeout_ms,
             heartbeat_interval_ms=max(100, self.w.options.session_timeout_ms // 3),

@@ -282,6 +282,13 @@ async def test_alert_gauge_counts_restored_alerts_at_once(rt_settings: Settings)
         for stage in worker.stages:
             held = _metric("citypulse_rules_partitions", stage=stage.name)
             assert held == len(stage.parts) == rt_settings.partitions
+            # Only the sensor stage is on the alert path: the group stage's fetches may wait.
+            assert stage.consumer is not None
+            assert stage.consumer._fetch_max_wait_ms == (
+                rt_settings.kafka_bulk_fetch_max_wait_ms
+                if stage.name == "group"
+                else rt_settings.kafka_fetch_max_wait_ms
+            )
 
 
 INTERVAL_RULES = """
