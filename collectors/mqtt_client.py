@@ -1,6 +1,6 @@
 """The collector's paho client: buffered reads, lean v5 PUBLISH decoding, batched PUBACKs.
 
-Stock paho spends most of its time per QoS 1 message on three things, each fixed here without
+Stock paho spends most of its time per QoS 1 message on four things, each fixed here without
 changing what reaches ``on_message`` or what goes on the wire:
 
 * **Reads.** paho reads a packet in several ``recv`` calls (the fixed header, each length byte,
@@ -13,13 +13,18 @@ changing what reaches ``on_message`` or what goes on the wire:
   constructor builds a table of every property name and type. Brokers send most PUBLISH
   packets with no properties at all; :meth:`LeanClient._handle_publish` decodes a v5 QoS 1
   PUBLISH itself and gives such a message a copy of one empty ``Properties`` made up front.
+* **Dispatch.** For every message paho decodes the topic twice and walks its matcher of
+  per-topic callbacks (``message_callback_add``), building a list, before it calls
+  ``on_message``: 4.4 us of 4.9 here. :meth:`LeanClient._handle_on_message` calls
+  ``on_message`` straight away when no per-topic callback exists (the collector has none).
 * **Acks.** ``Client.ack`` queues one 4-byte PUBACK, writes a byte to paho's wake-up socket pair
   and later ``send``s that packet on its own: three system calls per message.
   :meth:`LeanClient.ack_all` queues the PUBACKs of a whole batch as one packet: one wake-up, one
   ``send``, and one TCP segment for the broker to read.
 
 It relies on paho internals (``_create_socket``, ``_sock``, ``_in_packet``, ``_packet_queue``,
-``_handle_on_message``, ``_manual_ack``, ``_protocol``); ``tests/collectors/test_mqtt_client.py``
+``_handle_on_message``, ``_on_message_filtered``, ``_callback_mutex``, ``_in_callback_mutex``,
+``_manual_ack``, ``_protocol``); ``tests/collectors/test_mqtt_client.py``
 fails if a paho release changes them in a way that matters.
 """
 
@@ -80,7 +85,7 @@ class BufferedSocket:
 
 
 class LeanClient(mqtt.Client):
-    """``paho.mqtt.client.Client`` with the three changes of the module docstring."""
+    """``paho.mqtt.client.Client`` with the four changes of the module docstring."""
 
     def _create_socket(self) -> Any:
         return BufferedSocket(super()._create_socket())
@@ -108,6 +113,22 @@ class LeanClient(mqtt.Client):
         if not packet:
             return MQTTErrorCode.MQTT_ERR_SUCCESS
         return self._packet_queue(_PUBACK_BYTE, packet, 0, 0)
+
+    def _handle_on_message(self, message: mqtt.MQTTMessage) -> None:
+        if self._on_message_filtered._root._children:
+            super()._handle_on_message(message)  # per-topic callbacks: paho matches them
+            return
+        with self._callback_mutex:
+            on_message = self.on_message
+        if on_message is None:
+            return
+        with self._in_callback_mutex:
+            try:
+                on_message(self, self._userdata, message)
+            except Exception as err:
+                self._easy_log(mqtt.MQTT_LOG_ERR, "Caught exception in on_message: %s", err)
+                if not self.suppress_exceptions:
+                    raise
 
     def _handle_publish(self) -> MQTTErrorCode:
         header: int = self._in_packet["command"]

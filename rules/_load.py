@@ -97,10 +97,6 @@ class Rule:
     def action(self) -> Action | None:
         return self.spec.action
 
-    def covers(self, sensor: Sensor) -> bool:
-        """Whether ``sensor`` is evaluated by this (sensor) rule or belongs to its groups."""
-        return self.spec.select.matches(sensor) and self.metrics <= sensor.metrics.keys()
-
 
 @dataclass(frozen=True)
 class RuleSet:

@@ -120,6 +120,38 @@ def test_lean_publish_decoding_delivers_what_stock_paho_delivers() -> None:
         assert _delivered(lean, header, body) == expected, (protocol, header)
 
 
+def _dispatched(client: Any, topics: list[bytes], filtered: str | None) -> list[tuple[str, str]]:
+    """Which callback got which topic, with or without a per-topic callback for ``filtered``."""
+    got: list[tuple[str, str]] = []
+    client.on_message = lambda c, u, msg: got.append(("on_message", msg.topic))
+    if filtered is not None:
+        client.message_callback_add(filtered, lambda c, u, msg: got.append(("filtered", msg.topic)))
+    for topic in topics:
+        client._handle_on_message(mqtt.MQTTMessage(mid=1, topic=topic))
+    return got
+
+
+def test_dispatch_reaches_the_callbacks_stock_paho_calls() -> None:
+    """Without per-topic callbacks every message goes to ``on_message``; with one, messages
+    it matches go to it alone, as with paho. An exception in ``on_message`` propagates (paho's
+    default, ``suppress_exceptions`` off)."""
+    topics = [b"citypulse/v1/acme/ws-1/up", b"citypulse/v1/acme/ws-1/rejects", b"other/x"]
+    for filtered in (None, "citypulse/v1/+/+/rejects", "nothing/matches"):
+        stock = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        lean = LeanClient(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        expected = _dispatched(stock, topics, filtered)
+        assert _dispatched(lean, topics, filtered) == expected
+        assert len(expected) == len(topics)
+    lean = LeanClient(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+
+    def boom(c: Any, u: Any, msg: Any) -> None:
+        raise ValueError("bad callback")
+
+    lean.on_message = boom
+    with pytest.raises(ValueError, match="bad callback"):
+        lean._handle_on_message(mqtt.MQTTMessage(mid=1, topic=b"a/b"))
+
+
 def test_empty_properties_are_independent_objects() -> None:
     """Messages without properties each get their own empty ``Properties``: setting one on a
     message (as an application may) leaves the next message's alone."""
