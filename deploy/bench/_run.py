@@ -400,14 +400,27 @@ class Bench:
         # engines after that. A ramp started earlier would count that one-off work (seconds
         # of CPU) in the per-reading figures and ramp against a pipeline still warming up.
         assert self.settings is not None
-        want = self.settings.partitions
-        stages = ("sensor", "group")
-        while any(self._counter("rules", RULES_PARTITIONS, stage=s) < want for s in stages):
+        while not self._rules_settled(self.settings.partitions):
             if time.monotonic() > deadline:
                 raise BenchError(f"rule workers hold no partitions after 300 s (logs in {logs})")
             self._check_children()
             time.sleep(0.3)
         self.services_start_s = round(time.monotonic() - started, 1)
+
+    def _rules_settled(self, partitions: int) -> bool:
+        """Whether the rule workers hold every partition of both stages and, when there are
+        no more workers than partitions, each holds some (the first to join holds them all
+        until the others' rebalance)."""
+        workers = [c for c in self.children if c.name.startswith("rules-")]
+        for stage in ("sensor", "group"):
+            held = [
+                scrape(c.metrics_port, RULES_PARTITIONS, {"stage": stage}) or 0.0 for c in workers
+            ]
+            if sum(held) < partitions:
+                return False
+            if len(workers) <= partitions and not all(held):
+                return False
+        return True
 
     def _check_children(self) -> None:
         for c in self.children:
