@@ -402,7 +402,7 @@ class Bench:
         assert self.settings is not None
         while not self._rules_settled(self.settings.partitions):
             if time.monotonic() > deadline:
-                raise BenchError(f"rule workers hold no partitions after 300 s (logs in {logs})")
+                raise BenchError(f"rule workers miss partitions after 300 s (logs in {logs})")
             self._check_children()
             time.sleep(0.3)
         self.services_start_s = round(time.monotonic() - started, 1)

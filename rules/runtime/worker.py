@@ -398,6 +398,7 @@ class _Stage(ConsumerRebalanceListener):  # type: ignore[misc]
                 with contextlib.suppress(Exception):
                     await self._checkpoint(list(self.parts.values()), force=True)
             await self.consumer.stop()
+            self._held.set(0)  # stopping leaves the group without a revoke
 
     async def _handle(self, part: _Part, records: Sequence[Any]) -> None:
         effects: list[Effect] = []

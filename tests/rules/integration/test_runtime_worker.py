@@ -275,6 +275,8 @@ async def test_alert_gauge_counts_restored_alerts_at_once(rt_settings: Settings)
         await produce(rt_settings, batch("wtr-0001", t0, pressure=1.2))
         # The sensor's alert and its district's (average 1.2 < 1.5): both stages fire one.
         await eventually(gauge, lambda v: v == 2)
+    # A stopped worker holds nothing (aiokafka's stop leaves the group without a revoke).
+    assert _metric("citypulse_rules_partitions", stage="sensor") == 0
     metrics.ALERTS.labels("firing").set(0)  # as in a new process
     async with running_worker(rt_settings) as worker:
         assert await gauge() == 2
