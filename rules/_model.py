@@ -69,15 +69,18 @@ class Selector(_Strict):
                 return False
         if self.sensor is not None and not _one_of(s.id, self.sensor):
             return False
-        if self.metric is not None:
-            needed = [self.metric] if isinstance(self.metric, str) else self.metric
-            if not all(m in s.metrics for m in needed):
-                return False
+        if self.metric is not None and not all(m in s.metrics for m in values_of(self.metric)):
+            return False
         for key, want in self.labels.items():
             have = s.labels.get(key)
             if have is None or not _one_of(have, want):
                 return False
         return self.actuator is None or s.actuator == self.actuator
+
+
+def values_of(want: OneOrMany) -> list[str]:
+    """A selector field's values: one, or the list given."""
+    return [want] if isinstance(want, str) else want
 
 
 def _one_of(have: str, want: OneOrMany) -> bool:

@@ -12,16 +12,12 @@ from collections.abc import Iterable
 from typing import TypeVar
 
 from citypulse.registry import Registry, Sensor
-from rules._model import OneOrMany, Selector
+from rules._model import Selector, values_of
 
 K = TypeVar("K")
 _FIELDS = ("sensor", "asset", "district", "silo", "vendor")
 HANDLED = frozenset((*_FIELDS, "metric", "labels", "actuator"))
 """The :class:`Selector` fields :meth:`SensorLookup.matching` knows (a test holds it to all)."""
-
-
-def _values(want: OneOrMany) -> list[str]:
-    return [want] if isinstance(want, str) else want
 
 
 def _union(table: dict[K, set[int]], keys: Iterable[K]) -> set[int]:
@@ -61,11 +57,11 @@ class SensorLookup:
         for f in _FIELDS:
             want = getattr(select, f)
             if want is not None:
-                found.append(_union(self._by[f], _values(want)))
-        needed = set(metrics) | set([] if select.metric is None else _values(select.metric))
+                found.append(_union(self._by[f], values_of(want)))
+        needed = set(metrics) | set([] if select.metric is None else values_of(select.metric))
         found += [self._by["metric"].get(m, set()) for m in needed]
         for key, want in select.labels.items():
-            found.append(_union(self._labels, [(key, v) for v in _values(want)]))
+            found.append(_union(self._labels, [(key, v) for v in values_of(want)]))
         if found:
             found.sort(key=len)
             hits = found[0].intersection(*found[1:])
