@@ -11,6 +11,10 @@ DUPLICATES = Counter(
     "citypulse_writer_readings_duplicate_total",
     "Readings already stored (redelivered by Kafka) and ignored",
 )
+CHECKED_BATCHES = Counter(
+    "citypulse_writer_checked_batches_total",
+    "Batches inserted the checked way (ON CONFLICT): a duplicate in them or in a recent batch",
+)
 REJECTIONS = Counter(
     "citypulse_writer_rejections_stored_total", "Dead-letter records inserted into rejections"
 )

@@ -68,7 +68,7 @@ ins AS (
     SELECT 'epoch'::timestamptz + ts_ms * interval '1 millisecond', sensor_id, metric, value,
            quality, 'epoch'::timestamptz + received_ms * interval '1 millisecond'
     FROM staging_readings
-    ON CONFLICT (sensor_id, metric, ts) DO NOTHING
+    {on_conflict}
     RETURNING ts, sensor_id, metric, value, quality, received_at
 ), st AS (
     -- Ordered so concurrent writers (during a rebalance) lock rows in the same order.
@@ -81,12 +81,28 @@ ins AS (
 )"""
 
 
-WRITE_SQL = {
-    # TimescaleDB maintains readings_1m/1h itself (continuous aggregates); on plain PostgreSQL
-    # the refresher does (storage/rollups.py), told here which readings came in late.
-    Flavour.TIMESCALEDB: f"WITH {_INSERT_RAW}\nSELECT count(*) FROM ins",
-    Flavour.PLAIN: f"WITH {_INSERT_RAW},\n{rollups.MARK_LATE}\nSELECT count(*) FROM ins",
-}
+def _write_sql(on_conflict: str) -> dict[Flavour, str]:
+    raw = _INSERT_RAW.format(on_conflict=on_conflict)
+    return {
+        # TimescaleDB maintains readings_1m/1h itself (continuous aggregates); on plain
+        # PostgreSQL the refresher does (storage/rollups.py), told here which readings came late.
+        Flavour.TIMESCALEDB: f"WITH {raw}\nSELECT count(*) FROM ins",
+        Flavour.PLAIN: f"WITH {raw},\n{rollups.MARK_LATE}\nSELECT count(*) FROM ins",
+    }
+
+
+WRITE_SQL = _write_sql("ON CONFLICT (sensor_id, metric, ts) DO NOTHING")
+"""The checked insert: skips readings already stored (each one probes the unique index first)."""
+FAST_WRITE_SQL = _write_sql("")
+"""The plain insert, tried first: a batch without duplicates (the rule) costs PostgreSQL ~25 %
+less this way (storage/README.md "Plain insert first"); one duplicate fails it with a unique
+violation, and the batch goes the checked way."""
+
+CHECKED_BATCHES_AFTER_DUPLICATE = 8
+"""After a batch with a duplicate, the writer sends this many batches the checked way before it
+tries the plain insert again: a sensor replaying its readings costs ~1/9 of a failed attempt per
+batch, not one per batch."""
+
 
 _INSERT_REJECTIONS = """
 INSERT INTO rejections (received_at, vendor, sensor_id, reason, detail, topic, message_hash)
@@ -116,11 +132,13 @@ class _Pending:
 
 @dataclass(frozen=True, slots=True)
 class WriteResult:
-    """Rows of one transaction: readings offered and inserted, rejections offered."""
+    """Rows of one transaction: readings offered and inserted, rejections offered; ``checked``
+    when the readings went the checked way (:data:`WRITE_SQL`)."""
 
     readings: int
     inserted: int
     rejections: int
+    checked: bool = False
 
 
 async def write_rows(
@@ -128,6 +146,8 @@ async def write_rows(
     flavour: Flavour,
     readings: Iterable[ReadingRow],
     rejections: list[RejectionRow],
+    *,
+    checked: bool = False,
 ) -> WriteResult:
     """Store readings and rejections in one transaction, idempotently.
 
@@ -136,6 +156,7 @@ async def write_rows(
         flavour: decides whether the rollups are maintained here (plain) or by TimescaleDB.
         readings: ``(ts_ms, sensor_id, metric, value, quality, received_ms)`` rows.
         rejections: rows for the ``rejections`` table.
+        checked: go the checked way at once instead of trying the plain insert first.
 
     Returns:
         Counts; ``readings - inserted`` were already stored (duplicates).
@@ -149,12 +170,19 @@ async def write_rows(
             await conn.copy_records_to_table(
                 "staging_readings", records=rows, columns=_STAGING_COLUMNS
             )
-            inserted = int(await conn.fetchval(WRITE_SQL[flavour]))
+            if not checked:
+                try:
+                    async with conn.transaction():  # a savepoint: a duplicate undoes this only
+                        inserted = int(await conn.fetchval(FAST_WRITE_SQL[flavour]))
+                except asyncpg.UniqueViolationError:
+                    checked = True
+            if checked:
+                inserted = int(await conn.fetchval(WRITE_SQL[flavour]))
         if rejections:
             await conn.execute(
                 _INSERT_REJECTIONS, *[list(c) for c in zip(*rejections, strict=True)]
             )
-    return WriteResult(len(rows), inserted, len(rejections))
+    return WriteResult(len(rows), inserted, len(rejections), checked and bool(rows))
 
 
 async def _init_connection(conn: Conn) -> None:
@@ -205,6 +233,7 @@ class Writer:
         self._pending_readings = 0
         self._positions: dict[TopicPartition, int] = {}
         self._lock = asyncio.Lock()
+        self._checked_left = 0  # batches still to go the checked way (CHECKED_BATCHES_...)
         self._db_ok = False
         self._consuming = False
         self._flavour = Flavour.PLAIN
@@ -410,7 +439,9 @@ class Writer:
         started = time.perf_counter()
         async with pool.acquire() as conn:
             try:
-                result = await write_rows(conn, self._flavour, readings, rejections)
+                result = await write_rows(
+                    conn, self._flavour, readings, rejections, checked=self._checked_left > 0
+                )
             except asyncpg.PostgresError as exc:
                 if not _is_data_error(exc):
                     raise
@@ -420,6 +451,12 @@ class Writer:
                 )
                 result = await self._store_isolated(conn, batch)
         m.WRITE_SECONDS.observe(time.perf_counter() - started)
+        if result.checked:
+            m.CHECKED_BATCHES.inc()
+        if result.inserted < result.readings:
+            self._checked_left = CHECKED_BATCHES_AFTER_DUPLICATE
+        elif self._checked_left:
+            self._checked_left -= 1
         m.BATCH_SIZE.observe(result.readings)
         m.STORED.inc(result.inserted)
         m.DUPLICATES.inc(result.readings - result.inserted)

@@ -144,11 +144,11 @@ async def test_write_is_idempotent_and_rollups_match_raw(conn: asyncpg.Connectio
     t0 = 1_767_225_600_000
     rows = [(t0 + i * 20_000, "s1", "p", float(i), 1 if i == 5 else 0, t0) for i in range(400)]
     first = await write_rows(conn, Flavour.PLAIN, rows + rows[:3], [])
-    assert (first.readings, first.inserted) == (403, 400)
+    assert (first.readings, first.inserted, first.checked) == (403, 400, True)
     again = await write_rows(
         conn, Flavour.PLAIN, [*rows[100:200], (t0 - 1, "s1", "p", 7.0, 0, t0)], []
     )
-    assert again.inserted == 1
+    assert (again.inserted, again.checked) == (1, True)
     assert await conn.fetchval("SELECT count(*) FROM readings") == 401
     # 2026-01-01 is long closed: the readings are late, flagged once per minute, and the
     # rollups catch up at the next refresh.
@@ -160,6 +160,27 @@ async def test_write_is_idempotent_and_rollups_match_raw(conn: asyncpg.Connectio
     status = await conn.fetchrow("SELECT * FROM sensor_status WHERE sensor_id = 's1'")
     assert status["readings"] == 401
     assert status["last_ts"] == datetime.fromtimestamp((t0 + 399 * 20_000) / 1000, UTC)
+
+
+async def test_a_failed_plain_insert_leaves_nothing_behind(conn: asyncpg.Connection) -> None:
+    """A batch of new readings takes the plain insert; one that also holds a stored reading
+    fails it, goes the checked way, and counts its new readings once: the failed attempt's
+    rows, status counts and late-minute markers are all undone."""
+    await _init_connection(conn)
+    t0 = 1_767_225_600_000
+    rows = [(t0 + i * 20_000, f"s{i % 4}", "p", float(i), 0, t0) for i in range(200)]
+    clean = await write_rows(conn, Flavour.PLAIN, rows[:100], [])
+    assert (clean.inserted, clean.checked) == (100, False)
+    mixed = await write_rows(conn, Flavour.PLAIN, rows[99:], [])
+    assert (mixed.readings, mixed.inserted, mixed.checked) == (101, 100, True)
+    forced = await write_rows(
+        conn, Flavour.PLAIN, [(t0 - 1, "s9", "p", 1.0, 0, t0)], [], checked=True
+    )
+    assert (forced.inserted, forced.checked) == (1, True)
+    assert await conn.fetchval("SELECT count(*) FROM readings") == 201
+    assert await conn.fetchval("SELECT sum(readings) FROM sensor_status") == 201
+    assert (await refresh_rollups(conn)).late == 201  # one reading per minute, all late
+    assert await conn.fetchval("SELECT sum(count) FROM readings_1m") == 201
 
 
 async def test_rows_updated_on_every_batch_are_updated_in_place(conn: asyncpg.Connection) -> None:

@@ -12,12 +12,14 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from aiokafka import TopicPartition
 from prometheus_client import REGISTRY
 
 from citypulse.events import Rejection, RejectReason
 from citypulse.service import HEALTH
 from citypulse.settings import Settings
 from storage import Writer
+from storage.writer import CHECKED_BATCHES_AFTER_DUPLICATE, _init_connection, _Pending
 from stream import ensure_topics, make_producer
 
 from .conftest import (
@@ -91,6 +93,36 @@ async def test_writer_stores_each_reading_once_and_rollups_agree(migrated: Setti
         status = await c.fetch("SELECT sensor_id, readings FROM sensor_status ORDER BY 1")
         assert sum(r["readings"] for r in status) == expected + 1
         assert await c.fetchval("SELECT count(*) FROM sensors") == 3  # registry loaded
+    finally:
+        await c.close()
+
+
+async def test_after_a_duplicate_the_writer_checks_some_batches_then_goes_plain(
+    migrated: Settings,
+) -> None:
+    """A batch holding a stored reading fails the plain insert; the next batches go the checked
+    way at once (citypulse_writer_checked_batches_total), and the plain insert comes back after
+    CHECKED_BATCHES_AFTER_DUPLICATE clean ones."""
+    writer = Writer(migrated)
+    pool = await asyncpg.create_pool(migrated.dsn, min_size=1, max_size=1, init=_init_connection)
+    rows = [(T0_MS + i, "s1", "p", 1.0, 0, T0_MS) for i in range(100)]
+
+    async def checked(batch: list[tuple[int, str, str, float, int, int]]) -> bool:
+        before = REGISTRY.get_sample_value("citypulse_writer_checked_batches_total") or 0.0
+        await writer._store(pool, {TopicPartition("r", 0): _Pending(0, readings=[batch])})
+        return REGISTRY.get_sample_value("citypulse_writer_checked_batches_total") != before
+
+    try:
+        assert not await checked(rows[0:10])
+        assert await checked(rows[5:20])  # a redelivery: five stored readings in it
+        n = CHECKED_BATCHES_AFTER_DUPLICATE
+        clean = [await checked(rows[20 + 5 * k : 25 + 5 * k]) for k in range(n + 2)]
+        assert clean == [True] * n + [False] * 2
+    finally:
+        await pool.close()
+    c = await asyncpg.connect(migrated.dsn)
+    try:
+        assert await c.fetchval("SELECT count(*) FROM readings") == 20 + 5 * (n + 2)
     finally:
         await c.close()
 
