@@ -26,20 +26,20 @@ from pathlib import Path
 
 from citypulse.events import Reading, ReadingBatch
 from citypulse.registry import Registry, Sensor
-from rules import RuleEngine, load_rules
+from rules import RuleEngine, RuleSet, load_rules
 
 EPOCH_MS = 1_780_000_000_000
 
 
-def _workload(per: int, rules: int, group_interval_s: float) -> tuple[Registry, Path]:
+def _workload(per: int, rules: int, group_interval_s: float) -> tuple[Registry, RuleSet]:
     from deploy.bench._rules import generate_rules, probe_sensors, write_rules
     from deploy.simulator import generate_registry
 
     registry = generate_registry(8, per, seed=1)
     files = generate_rules(registry, rules, probe_sensors(registry, 20), group_interval_s)
-    directory = Path(tempfile.mkdtemp(prefix="citypulse-bench-engine-"))
-    write_rules(directory, files)
-    return registry, directory
+    with tempfile.TemporaryDirectory(prefix="citypulse-bench-engine-") as directory:
+        write_rules(Path(directory), files)
+        return registry, load_rules(Path(directory), registry)
 
 
 def _batches(
@@ -97,8 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     a = p.parse_args(argv)
 
-    registry, directory = _workload(a.per, a.rules, a.group_interval_s)
-    ruleset = load_rules(directory, registry)
+    registry, ruleset = _workload(a.per, a.rules, a.group_interval_s)
     n_group = sum(r.scope == "group" for r in ruleset.rules)
     print(f"{len(registry)} sensors, {len(ruleset.rules)} rules ({n_group} group rules)")
     step_ms = max(1, round(a.interval_s * 1000 / len(registry)))

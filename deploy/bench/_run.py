@@ -51,6 +51,7 @@ console = Console(stderr=True)
 SILOS = 6
 RULES_READINGS = "citypulse_rules_readings_total"
 RULES_PARTITIONS = "citypulse_rules_partitions"
+WRITER_CHECKED = "citypulse_writer_checked_batches_total"
 
 
 class BenchError(RuntimeError):
@@ -477,7 +478,7 @@ class Bench:
         start = time.monotonic()
         res0 = self._resources({"publishers": pubs.pids})
         rss: list[dict[str, float]] = [{"t_s": 0.0, **_rss_mb(res0)}]
-        stored0 = self._counter("writer", STORED)
+        stored0, checked0 = self._counter("writer", STORED), self._counter("writer", WRITER_CHECKED)
         evaluated0 = self._rules_evaluated()
         accepted0, acked0 = self._counter("collector", ACCEPTED), pubs.acked
         ramp = Ramp()
@@ -547,6 +548,9 @@ class Bench:
             "stored_readings_per_s": round(stored_rate, 1),
             "rules_readings_per_s": round(evaluated_rate, 1),
             "stored_readings": int(stored_total),
+            # Batches the writer inserted with ON CONFLICT (a duplicate in or before them);
+            # the bench's readings are unique, so 0 unless a service restarted.
+            "writer_checked_batches": int(self._counter("writer", WRITER_CHECKED) - checked0),
             "cpu_s": {k: round(res1[k][0] - res0.get(k, (0.0, 0.0))[0], 2) for k in res1},
             "rss_mb": _rss_mb(res1),
             **({"rss_series_mb": rss} if rss_every_s else {}),
