@@ -2,7 +2,8 @@
 
 Delivery: Kafka gives at-least-once (offsets are committed only after the database transaction
 that stored the records has committed); the insert is idempotent (``ON CONFLICT DO NOTHING`` on
-``(sensor_id, metric, ts)``), and ``sensor_status`` and the late-reading markers of the rollups
+``(sensor_id, metric, ts)``, after a plain insert that a duplicate fails and a savepoint undoes:
+:data:`FAST_WRITE_SQL`), and ``sensor_status`` and the late-reading markers of the rollups
 are written from the rows the insert *returned*, in the same transaction. So a reading
 redelivered after a crash is stored, and counted in the rollups, exactly once. On plain
 PostgreSQL the writer also runs the rollup refresher (:mod:`storage.rollups`).
