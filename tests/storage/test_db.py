@@ -179,7 +179,7 @@ async def test_a_failed_plain_insert_leaves_nothing_behind(conn: asyncpg.Connect
     assert (forced.inserted, forced.checked) == (1, True)
     assert await conn.fetchval("SELECT count(*) FROM readings") == 201
     assert await conn.fetchval("SELECT sum(readings) FROM sensor_status") == 201
-    assert (await refresh_rollups(conn)).late == 201  # one reading per minute, all late
+    assert (await refresh_rollups(conn)).late == 201  # each its own (sensor, minute), all late
     assert await conn.fetchval("SELECT sum(count) FROM readings_1m") == 201
 
 
