@@ -449,12 +449,15 @@ class EmbeddedStack:
 
         tansu's memory engine stores every produce batch as an object and lists a partition's
         objects on each fetch, so its CPU per fetch grows with the number of batches it holds.
-        Fewer, larger batches (25 ms linger instead of 5) and fewer partitions (3 instead of 6;
-        two cores gain nothing from more) halved its CPU per million readings in the bench
-        (12.5 -> 6.9) and brought p99 publish -> alert at half load from ~450 to ~210 ms.
-        Apache Kafka has no such cost: production keeps the defaults (deploy/bench/README.md).
+        Fewer, larger batches (25 ms linger instead of 5) and fewer partitions (3 instead of 6)
+        halved its CPU per million readings in the bench (12.5 -> 6.9) and brought p99
+        publish -> alert at half load from ~450 to ~210 ms. Going on to 2 partitions took a
+        quarter to a third off tansu and 5-18 % off the whole run per reading (single readings
+        0.67-0.75 -> 0.83-0.87 of the bare paho subscriber in alternated runs). Two is the
+        floor: two writers or rule workers need two partitions to share the work. Apache Kafka
+        has no such cost: production keeps the defaults (deploy/bench/README.md).
         """
-        return {"CITYPULSE_KAFKA_LINGER_MS": "25", "CITYPULSE_PARTITIONS": "3"}
+        return {"CITYPULSE_KAFKA_LINGER_MS": "25", "CITYPULSE_PARTITIONS": "2"}
 
     def __enter__(self) -> EmbeddedStack:
         self.start()
