@@ -130,6 +130,9 @@ class Observed:
     """(visible at, latency ms) of probe readings seen in ``readings``."""
     alert_latency: list[tuple[int, float]] = field(default_factory=list)
     """(consumed at, latency ms) of the marker rule's FIRING events."""
+    alert_sent_latency: list[tuple[int, float]] = field(default_factory=list)
+    """(consumed at, ms) from publish until the rule worker handed the same events to Kafka
+    (the record's create time): ``alert_latency`` less the last hop to a consumer."""
     group_alert_latency: list[tuple[int, float]] = field(default_factory=list)
     """(consumed at, latency ms) of the group marker's FIRING events (re-key hop, group
     stage, the evaluation interval)."""
@@ -242,6 +245,8 @@ class _Observers:
                             continue
                         if ev.get("rule") == MARKER_RULE:
                             self.data.alert_latency.append((now, float(now - ev["ts_ms"])))
+                            sent = float(r.timestamp - ev["ts_ms"])
+                            self.data.alert_sent_latency.append((now, sent))
                         elif ev.get("rule") == GROUP_MARKER_RULE:
                             self.data.group_alert_latency.append((now, float(now - ev["ts_ms"])))
         finally:
@@ -854,9 +859,11 @@ class Bench:
                 lo, hi = ph["steady_from_ms"] - 1, ph["end_ms"]
                 stored = [lat for at, lat in observers.data.stored_latency if lo <= at <= hi]
                 alert = [lat for at, lat in observers.data.alert_latency if lo <= at <= hi]
+                sent = [lat for at, lat in observers.data.alert_sent_latency if lo <= at <= hi]
                 group = [lat for at, lat in observers.data.group_alert_latency if lo <= at <= hi]
                 ph["stored_latency_ms"] = _pct(stored)
                 ph["alert_latency_ms"] = _pct(alert)
+                ph["alert_sent_latency_ms"] = _pct(sent)
                 ph["group_alert_latency_ms"] = _pct(group)
                 if kind == "soak":
                     ph["fill_s"] = fill_s

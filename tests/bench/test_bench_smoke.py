@@ -88,6 +88,12 @@ def test_bench_quick_writes_results(tmp_path: Path) -> None:
     assert set(batch["latency"]) == {"50%", "90%"}
     assert batch["latency"]["50%"]["stored_latency_ms"]["n"] > 0
     assert batch["latency"]["50%"]["alert_latency_ms"]["n"] > 0
+    # The same alerts as the rule worker sent them: each before it was consumed, after publish.
+    half = batch["latency"]["50%"]
+    sent, seen = half["alert_sent_latency_ms"], half["alert_latency_ms"]
+    assert sent["n"] == seen["n"]
+    assert 0 <= sent["p50"] <= seen["p50"]
+    assert sent["max"] <= seen["max"]
     # The group marker (a group rule with the 1-s interval) fires through the group stage.
     assert batch["latency"]["50%"]["group_alert_latency_ms"]["n"] > 0
     assert set(batch["cpu_s_per_million"]) >= {"collector", "writer", "rules"}
