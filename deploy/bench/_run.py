@@ -857,14 +857,14 @@ class Bench:
                 )
                 ph["drain"] = self._drain(pubs, probe)
                 lo, hi = ph["steady_from_ms"] - 1, ph["end_ms"]
-                stored = [lat for at, lat in observers.data.stored_latency if lo <= at <= hi]
-                alert = [lat for at, lat in observers.data.alert_latency if lo <= at <= hi]
-                sent = [lat for at, lat in observers.data.alert_sent_latency if lo <= at <= hi]
-                group = [lat for at, lat in observers.data.group_alert_latency if lo <= at <= hi]
-                ph["stored_latency_ms"] = _pct(stored)
-                ph["alert_latency_ms"] = _pct(alert)
-                ph["alert_sent_latency_ms"] = _pct(sent)
-                ph["group_alert_latency_ms"] = _pct(group)
+                data = observers.data
+                for key, samples in (
+                    ("stored_latency_ms", data.stored_latency),
+                    ("alert_latency_ms", data.alert_latency),
+                    ("alert_sent_latency_ms", data.alert_sent_latency),
+                    ("group_alert_latency_ms", data.group_alert_latency),
+                ):
+                    ph[key] = _pct([lat for at, lat in samples if lo <= at <= hi])
                 if kind == "soak":
                     ph["fill_s"] = fill_s
                     ph["rss_after_fill_mb"] = _rss_growth(ph["rss_series_mb"], fill_s)
