@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -325,15 +325,28 @@ class RuleEngine:
         Re-evaluates every pending or firing alert and every rule that uses ``stale()`` (of
         the keys this engine owns, and of ``scope`` as in :meth:`process`).
         """
+        out: list[Effect] = []
+        for _ in self.advancing(now_ms, out, scope):
+            pass
+        return out
+
+    def advancing(
+        self, now_ms: int, out: list[Effect], scope: EvalScope | None = None
+    ) -> Iterator[None]:
+        """:meth:`advance` one evaluation at a time: appends effects to ``out`` and yields
+        after each evaluation, so a caller can pause between them (the runtime lets other work
+        run while a tick goes through thousands of groups). The engine must not be used
+        otherwise until the iterator is exhausted.
+        """
         scope = self._within(scope)
         self._clock(now_ms)
-        out: list[Effect] = []
         if scope != "sensor" and self._pending:
             due = sorted((end, k) for k, (end, _) in self._pending.items() if end <= now_ms)
             by_name = self._ruleset.by_name
             for _, (name, g) in due:
                 ts = self._pending.pop((name, g))[1]
                 self._eval_group(by_name[name], g, ts, out)
+                yield
         done: set[tuple[str, str]] = set()
         if scope != "group":
             quiet, states = self._quiet, self._states
@@ -342,11 +355,13 @@ class RuleEngine:
                 for sid in sensor_ids:
                     if quiet.get((name, sid), _NEVER_LO) <= now_ms:
                         self._eval_sensor(rule, states[sid], now_ms, out)
+                        yield
         if scope != "sensor":
             for rule, groups in self._tick_group:
                 for g in groups:
                     done.add((rule.name, _group_key(rule, g)))
                     self._eval_group(rule, g, now_ms, out)
+                    yield
         by_name = self._ruleset.by_name
         owns = self._owns
         for key in sorted(self._alerts):
@@ -359,7 +374,7 @@ class RuleEngine:
                 self._eval_sensor(rule, self._states[key[1]], now_ms, out)
             else:
                 self._eval_group(rule, key[1].partition("=")[2], now_ms, out)
-        return out
+            yield
 
     def _within(self, scope: EvalScope | None) -> EvalScope:
         if scope is None:
