@@ -9,7 +9,7 @@ import pytest
 
 from citypulse.events import AlertEvent, AlertState, Reading, ReadingBatch
 from citypulse.registry import Registry, load_registry
-from rules import RuleEngine, load_rules
+from rules import RuleEngine, RuleSet, load_rules
 from rules._engine import Effect
 from rules.runtime import Snapshot, alert_payload
 from rules.runtime.worker import owned_effects, partition_of
@@ -173,9 +173,8 @@ def test_time_passing_is_reported_by_the_owning_partition_only(
     assert all(partition_of(s, 2) == p for p, s in reported)
 
 
-def test_an_engine_ticks_only_the_keys_it_owns(registry: Registry, tmp_path: Path) -> None:
-    """Given an owner, an engine evaluates staleness only for its own sensors (and group
-    keys): the others' silence is not even computed there, and nothing is lost overall."""
+def _stale_rules(registry: Registry, tmp_path: Path) -> RuleSet:
+    """A silent-sensor rule and a district rule over its sensors' silence."""
     path = tmp_path / "s.yaml"
     path.write_text(
         "groups:\n  - name: live\n    rules:\n"
@@ -183,7 +182,13 @@ def test_an_engine_ticks_only_the_keys_it_owns(registry: Registry, tmp_path: Pat
         "      - {name: QuietDistrict, select: {silo: water}, group_by: district,\n"
         "         expr: group.count(stale(3)) >= 1}\n"
     )
-    ruleset = load_rules([path], registry)
+    return load_rules([path], registry)
+
+
+def test_an_engine_ticks_only_the_keys_it_owns(registry: Registry, tmp_path: Path) -> None:
+    """Given an owner, an engine evaluates staleness only for its own sensors (and group
+    keys): the others' silence is not even computed there, and nothing is lost overall."""
+    ruleset = _stale_rules(registry, tmp_path)
     seen: dict[int, list[str]] = {}
     for partition in (0, 1):
         engine = RuleEngine(ruleset, registry, lambda k, p=partition: partition_of(k, 2) == p)
@@ -234,14 +239,7 @@ def test_a_tick_can_pause_between_evaluations_and_reports_the_same(
     """The group stage walks a tick one evaluation at a time (letting the alert path run in
     between): it pauses once per evaluated key and reports what a tick in one go reports,
     in the same order."""
-    path = tmp_path / "s.yaml"
-    path.write_text(
-        "groups:\n  - name: live\n    rules:\n"
-        "      - {name: Silent, select: {silo: water}, expr: stale(3)}\n"
-        "      - {name: QuietDistrict, select: {silo: water}, group_by: district,\n"
-        "         expr: group.count(stale(3)) >= 1}\n"
-    )
-    ruleset = load_rules([path], registry)
+    ruleset = _stale_rules(registry, tmp_path)
     whole, stepped = RuleEngine(ruleset, registry), RuleEngine(ruleset, registry)
     for engine in (whole, stepped):
         engine.advance(0)
