@@ -896,8 +896,7 @@ class Bench:
             pubs.stop()
 
     def close(self) -> None:
-        for child in reversed(self.children):
-            child.stop()
+        self._stop_services()
         self.stack.stop()
         shutil.rmtree(self.state, ignore_errors=True)
 
