@@ -26,7 +26,6 @@ import logging
 import socket
 import ssl
 import time
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -44,27 +43,15 @@ from collectors import metrics
 from collectors.errors import CollectorError
 from collectors.mqtt_client import LeanClient
 from collectors.ratelimit import VendorRateLimiter
-from collectors.validate import EncodedBatch, Limits, Validator, reject_notice
-from stream import ensure_topics, make_producer, send_keyed
+from collectors.turns import MAX_MESSAGES, Message, Turn
+from collectors.validate import Limits, Validator, reject_notice
+from stream import ensure_topics, make_producer
 
 log = logging.getLogger("citypulse.collectors")
-
-MAX_BATCH = 1000
-"""Messages validated and produced together before their acks are sent, at most."""
 
 
 class MqttConnectError(CollectorError):
     """The MQTT URL or TLS settings cannot be used."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Message:
-    topic: str
-    payload: bytes
-    mid: int
-    qos: int
-    generation: int
-    """MQTT connection it arrived on: an ack only makes sense on that connection."""
 
 
 def default_client_id(settings: Settings) -> str:
@@ -131,7 +118,7 @@ class Collector:
         self._generation = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         # Filled by paho's thread, emptied by the asyncio loop; see the module docstring.
-        self._inbox: collections.deque[_Message] = collections.deque()
+        self._inbox: collections.deque[Message] = collections.deque()
         self._capacity = settings.mqtt_receive_maximum
         self._wake_pending = False
         self._ready = asyncio.Event()
@@ -186,7 +173,7 @@ class Collector:
             metrics.MESSAGES_DROPPED.inc()
             log.warning("queue full, message dropped", extra={"topic": msg.topic})
             return
-        inbox.append(_Message(msg.topic, msg.payload, msg.mid, msg.qos, self._generation))
+        inbox.append(Message(msg.topic, msg.payload, msg.mid, msg.qos, self._generation))
         if not self._wake_pending:
             # Set here, cleared by the consumer when it goes idle and *before* it looks at the
             # deque a last time, so a message appended meanwhile is never stranded.
@@ -205,7 +192,8 @@ class Collector:
         self._loop = asyncio.get_running_loop()
         log.info("collector starting", extra={"settings": settings.redacted()})
         await ensure_topics(settings)
-        producer = make_producer(settings)
+        # The collector lingers itself (turns); the producer sends each turn at once.
+        producer = make_producer(settings, linger_ms=0)
         await producer.start()
         self._kafka_ok = True
         HEALTH.add("mqtt", lambda: self._connected and self._subscribed)
@@ -233,94 +221,117 @@ class Collector:
             log.info("collector stopped")
 
     async def _consume(self, stop: asyncio.Event, producer: Any, client: Any) -> None:
+        """Turns (``collectors/turns.py``): linger, validate, send; ack them in order.
+
+        While a turn lingers, arriving messages wait in the inbox without waking the loop
+        (the wake flag stays set); Kafka's answers wake it, so acks go out promptly.
+        """
         inbox = self._inbox
         ready = self._ready
+        linger = self.settings.kafka_linger_ms / 1000
+        topics = (self.settings.topic("readings"), self.settings.topic("deadletter"))
+        opened: float | None = None  # when the open turn's first message was seen
+        sent: collections.deque[Turn] = collections.deque()
         while True:
+            while sent and sent[0].acked is not None and sent[0].acked.done():
+                if sent[0].error() is not None and not await self._resend(sent, producer, stop):
+                    return  # stopping with Kafka down: unacked, the broker redelivers them
+                self._finish(sent.popleft(), client)
             if stop.is_set():
-                # Stop taking messages; what is already queued is finished and acked.
-                self._closing = True
-                if not inbox:
-                    return
-            if not inbox:
-                ready.clear()
+                self._closing = True  # take nothing new; finish and ack what is queued
+            now = time.monotonic()
+            if inbox and opened is None:
+                opened = now
+            if opened is not None and (
+                self._closing or len(inbox) >= MAX_MESSAGES or now - opened >= linger
+            ):
+                popleft = inbox.popleft
+                turn = Turn(opened)
+                turn.add(
+                    [popleft() for _ in range(min(len(inbox), MAX_MESSAGES))],
+                    self.validator,
+                    self.limiter,
+                    time.time_ns() // 1_000_000,
+                )
+                metrics.MESSAGES_RECEIVED.inc(len(turn.messages))
+                metrics.QUEUE_DEPTH.set(len(inbox))
+                await turn.send(producer, *topics)
+                assert turn.acked is not None
+                turn.acked.add_done_callback(self._answer)
+                sent.append(turn)
+                opened = time.monotonic() if inbox else None
+                continue
+            if self._closing and opened is None and not sent:
+                return
+            ready.clear()
+            if opened is None:
                 self._wake_pending = False  # idle: the next message wakes us
-                if not inbox:  # re-check: an append before clear() would otherwise wait 0.1 s
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(0.1):
-                            await ready.wait()
+                if inbox:  # appended before the flag was cleared: it sent no wake-up
                     continue
-            popleft = inbox.popleft
-            batch = [popleft() for _ in range(min(len(inbox), MAX_BATCH))]
-            metrics.QUEUE_DEPTH.set(len(inbox))
-            await self._process(batch, producer, client, stop)
+                timeout = 0.1
+            else:
+                timeout = opened + linger - now
+            if sent and sent[0].acked is not None and sent[0].acked.done():
+                continue
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await ready.wait()
 
-    async def _process(
-        self, batch: list[_Message], producer: Any, client: Any, stop: asyncio.Event
-    ) -> None:
-        settings = self.settings
-        readings_topic = settings.topic("readings")
-        deadletter_topic = settings.topic("deadletter")
-        now_ms = time.time_ns() // 1_000_000
-        verdicts: list[EncodedBatch | Rejection] = []
-        readings: list[tuple[bytes, bytes]] = []
-        refused: list[tuple[bytes | None, bytes]] = []
-        validate = self.validator.validate_encoded
-        limiter = self.limiter
-        accepted = 0
-        for m in batch:
-            verdict = validate(m.topic, m.payload, now_ms)
-            if isinstance(verdict, EncodedBatch):
-                if limiter.enabled and not limiter.take(
-                    verdict.vendor, verdict.readings, time.monotonic()
-                ):
-                    verdict = limiter.refusal(
-                        verdict.vendor,
-                        verdict.sensor,
-                        verdict.readings,
-                        m.topic,
-                        m.payload,
-                        verdict.received_ms,
-                        verdict.source,
-                    )
-                else:
-                    accepted += verdict.readings
-                    readings.append((verdict.sensor.encode(), verdict.value))
-                    verdicts.append(verdict)
-                    continue
-            verdicts.append(verdict)
-            key = verdict.vendor.encode() if verdict.vendor else None
-            refused.append((key, verdict.encode()))
-        metrics.MESSAGES_RECEIVED.inc(len(batch))
+    def _answer(self, _: asyncio.Future[Any]) -> None:
+        self._ready.set()
 
-        delay = 0.5
-        while True:
-            started = time.perf_counter()
-            try:
-                futures = await send_keyed(producer, readings_topic, readings)
-                for key, value in refused:  # few: one by one (a vendorless one has no key)
-                    futures.append(await producer.send(deadletter_topic, value=value, key=key))
-                await asyncio.gather(*futures)
-            except KafkaError as exc:
+    async def _resend(
+        self, sent: collections.deque[Turn], producer: Any, stop: asyncio.Event
+    ) -> bool:
+        """A turn failed: wait for every later turn, then send them all again, in order.
+
+        Later turns are sent again even if Kafka took them, so each sensor's readings reach
+        Kafka in arrival order after the copies of the failed turn (the duplicates are dropped
+        by the writer). Retries with backoff (0.5 s doubling to 10 s) until each is acked.
+
+        Returns:
+            False if ``stop`` was set while Kafka still failed (nothing acked).
+        """
+        topics = (self.settings.topic("readings"), self.settings.topic("deadletter"))
+        await asyncio.gather(*(t.acked for t in sent if t.acked is not None))
+        for i, turn in enumerate(sent):
+            if i:  # after the failed one: again, right away, whatever Kafka answered before
+                await self._send_again(turn, producer, topics)
+            delay = 0.5
+            while (error := turn.error()) is not None:
+                if not isinstance(error, KafkaError):
+                    raise error
                 self._kafka_ok = False
                 metrics.KAFKA_RETRIES.inc()
                 log.warning(
-                    "kafka produce failed, retrying the batch",
-                    extra={"error": repr(exc), "messages": len(batch), "retry_in_s": delay},
+                    "kafka produce failed, sending the turn again",
+                    extra={
+                        "error": repr(error),
+                        "messages": len(turn.messages),
+                        "retry_in_s": delay,
+                    },
                 )
                 if stop.is_set():
-                    # Not acked: the broker redelivers these to the next collector session.
-                    return
+                    return False
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
-                continue
-            metrics.PRODUCE_SECONDS.observe(time.perf_counter() - started)
-            self._kafka_ok = True
-            break
+                await self._send_again(turn, producer, topics)
+        return True
 
-        metrics.READINGS_ACCEPTED.inc(accepted)
+    @staticmethod
+    async def _send_again(turn: Turn, producer: Any, topics: tuple[str, str]) -> None:
+        await turn.send(producer, *topics)
+        assert turn.acked is not None
+        await turn.acked
+
+    def _finish(self, turn: Turn, client: Any) -> None:
+        """Kafka took every record of ``turn``: count it, notify refused vendors, ack."""
+        metrics.PRODUCE_SECONDS.observe(turn.answered - turn.sent)
+        metrics.READINGS_ACCEPTED.inc(turn.accepted)
+        self._kafka_ok = True
         generation = self._generation
         acks: list[int] = []
-        for m, verdict in zip(batch, verdicts, strict=True):
+        for m, verdict in zip(turn.messages, turn.verdicts, strict=True):
             if isinstance(verdict, Rejection):
                 metrics.MESSAGES_REFUSED.labels(verdict.reason.value).inc()
                 log.info(
@@ -338,4 +349,4 @@ class Collector:
             # An ack on a later connection would hit a different in-flight message.
             if m.qos == 1 and m.generation == generation:
                 acks.append(m.mid)
-        client.ack_all(acks)  # one write for the batch (the subscription is QoS 1)
+        client.ack_all(acks)  # one write for the turn (the subscription is QoS 1)
