@@ -64,7 +64,12 @@ class Settings(BaseSettings):
     kafka_idempotence: bool = Field(
         False, description="idempotent producer; Apache Kafka supports it, tansu does not"
     )
-    kafka_linger_ms: int = 5
+    kafka_linger_ms: int = Field(
+        5,
+        ge=0,
+        description="how long records may wait to be batched: the producers' linger; the "
+        "collector's turn (it validates what arrives meanwhile and sends it as one request)",
+    )
     kafka_fetch_max_wait_ms: int = Field(15, description="keep low: tansu holds every fetch")
     kafka_bulk_fetch_max_wait_ms: int = Field(
         50,

@@ -246,7 +246,7 @@ class Collector:
                 self._closing or len(inbox) >= MAX_MESSAGES or now - opened >= linger
             ):
                 popleft = inbox.popleft
-                turn = Turn(opened)
+                turn = Turn()
                 turn.add(
                     [popleft() for _ in range(min(len(inbox), MAX_MESSAGES))],
                     self.validator,

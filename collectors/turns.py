@@ -1,11 +1,12 @@
 """Turns: MQTT messages validated together and produced to Kafka as one request.
 
-A turn opens with its first message and takes what arrives for ``kafka_linger_ms``
-(or up to :data:`MAX_MESSAGES`), validating as it goes. It is then sent at once, one record
-batch per partition, and the next turn opens while Kafka acknowledges it: a message waits at
-most one linger, not also for the previous turn's acknowledgement. The collector acks a
-turn's MQTT messages after Kafka acknowledged all of its records, and turns in the order
-they were sent (MQTT 5 §4.6: PUBACKs in the order the PUBLISHes came).
+A turn opens with its first message and closes ``kafka_linger_ms`` later (or at
+:data:`MAX_MESSAGES`); what arrived meanwhile is validated and sent at once, one record batch
+per partition, and the next turn opens while Kafka answers. A message waits at most one
+linger before it is sent, not also for the previous turn's answer. The collector acks a turn's
+MQTT messages once Kafka acknowledged all of its records, turn after turn in the order they
+were sent (MQTT 5 §4.6: PUBACKs in the order the PUBLISHes came). When a turn fails, it and
+every turn sent after it are sent again, in order (``Collector._resend``).
 """
 
 from __future__ import annotations
@@ -38,8 +39,6 @@ class Message:
 
 @dataclass(slots=True)
 class Turn:
-    opened: float
-    """``time.monotonic()`` of its first message: it closes ``linger`` later."""
     messages: list[Message] = field(default_factory=list)
     verdicts: list[EncodedBatch | Rejection] = field(default_factory=list)
     readings: list[tuple[bytes, bytes]] = field(default_factory=list)

@@ -456,8 +456,17 @@ class EmbeddedStack:
         0.67-0.75 -> 0.83-0.87 of the bare paho subscriber in alternated runs). Two is the
         floor: two writers or rule workers need two partitions to share the work. Apache Kafka
         has no such cost: production keeps the defaults (deploy/bench/README.md).
+
+        The plain-PostgreSQL rollup fold runs every second instead of every 5 s: at half load a
+        5-s fold held a core for ~1 s, and alerts raised meanwhile waited for the CPU (p99
+        publish -> alert 213-475 ms against 232-243 with 1-s folds, no measured cost per
+        reading). On a database with cores of its own the 5-s default costs less per reading.
         """
-        return {"CITYPULSE_KAFKA_LINGER_MS": "25", "CITYPULSE_PARTITIONS": "2"}
+        return {
+            "CITYPULSE_KAFKA_LINGER_MS": "25",
+            "CITYPULSE_PARTITIONS": "2",
+            "CITYPULSE_ROLLUP_REFRESH_S": "1",
+        }
 
     def __enter__(self) -> EmbeddedStack:
         self.start()

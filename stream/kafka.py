@@ -86,9 +86,10 @@ async def send_keyed(
     partitioner picks for the key, as :meth:`~aiokafka.AIOKafkaProducer.send` would), in order.
 
     ``send`` costs a coroutine, a future and a trip through the accumulator per record (~10 us
-    in Python): the collector's largest cost after MQTT. Queued batches still linger
-    ``linger_ms`` (closing them at once tripled the broker's CPU: the collector then produced
-    a small request per MQTT read instead of one per linger period).
+    in Python): the collector's largest cost after MQTT. Queued batches linger the
+    producer's ``linger_ms``. The collector sets it to 0 and lingers its own turns
+    (``collectors/turns.py``): sending whatever each MQTT read brought at once tripled the
+    broker's CPU (a small request per read instead of one per linger period).
 
     Returns:
         One future per record batch; all resolved = every record acknowledged.
