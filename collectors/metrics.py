@@ -28,5 +28,5 @@ QUEUE_DEPTH = Gauge(
     "citypulse_collector_queue_depth", "MQTT messages received and not yet processed"
 )
 KAFKA_RETRIES = Counter(
-    "citypulse_collector_kafka_retries_total", "Batches re-sent after a Kafka error"
+    "citypulse_collector_kafka_retries_total", "Retries of a turn Kafka failed to take"
 )

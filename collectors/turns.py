@@ -47,7 +47,7 @@ class Turn:
     sent: float = 0.0
     answered: float = 0.0
     acked: asyncio.Future[list[Any]] | None = None
-    """Resolved when Kafka acknowledged every record of the turn (or failed)."""
+    """Resolved once Kafka answered for every record of the turn; :meth:`error` says how."""
 
     def add(
         self,
@@ -88,7 +88,9 @@ class Turn:
         all of them (:meth:`error` tells whether one failed).
 
         Failing to hand them over (the producer's own timeout) resolves :attr:`acked` at once
-        with that error: the caller handles both the same way.
+        with that error: the caller handles both the same way. Batches handed over before it
+        are not waited for then (it takes a broker unreachable for the producer's whole
+        request timeout).
         """
         self.sent = time.perf_counter()
         try:
