@@ -68,7 +68,7 @@ class Settings(BaseSettings):
         5,
         ge=0,
         description="how long records may wait to be batched: the producers' linger; the "
-        "collector's turn (it validates what arrives meanwhile and sends it as one request)",
+        "collector's turn (what arrives meanwhile is validated and sent as one request)",
     )
     kafka_fetch_max_wait_ms: int = Field(15, description="keep low: tansu holds every fetch")
     kafka_bulk_fetch_max_wait_ms: int = Field(
