@@ -108,6 +108,7 @@ class Collector:
             Limits.from_settings(settings),
         )
         self.client_id = default_client_id(settings)
+        self._topics = (settings.topic("readings"), settings.topic("deadletter"))
         self.limiter = VendorRateLimiter(
             settings.vendor_rate_limit_per_s, settings.vendor_rate_burst
         )
@@ -229,11 +230,10 @@ class Collector:
         inbox = self._inbox
         ready = self._ready
         linger = self.settings.kafka_linger_ms / 1000
-        topics = (self.settings.topic("readings"), self.settings.topic("deadletter"))
         opened: float | None = None  # when the open turn's first message was seen
         sent: collections.deque[Turn] = collections.deque()
         while True:
-            while sent and sent[0].acked is not None and sent[0].acked.done():
+            while sent and sent[0].done():
                 if sent[0].error() is not None and not await self._resend(sent, producer, stop):
                     return  # stopping with Kafka down: unacked, the broker redelivers them
                 self._finish(sent.popleft(), client)
@@ -255,9 +255,7 @@ class Collector:
                 )
                 metrics.MESSAGES_RECEIVED.inc(len(turn.messages))
                 metrics.QUEUE_DEPTH.set(len(inbox))
-                await turn.send(producer, *topics)
-                assert turn.acked is not None
-                turn.acked.add_done_callback(self._answer)
+                (await turn.send(producer, *self._topics)).add_done_callback(self._answer)
                 sent.append(turn)
                 opened = time.monotonic() if inbox else None
                 continue
@@ -271,7 +269,7 @@ class Collector:
                 timeout = 0.1
             else:
                 timeout = opened + linger - now
-            if sent and sent[0].acked is not None and sent[0].acked.done():
+            if sent and sent[0].done():
                 continue
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
@@ -292,11 +290,10 @@ class Collector:
         Returns:
             False if ``stop`` was set while Kafka still failed (nothing acked).
         """
-        topics = (self.settings.topic("readings"), self.settings.topic("deadletter"))
         await asyncio.gather(*(t.acked for t in sent if t.acked is not None))
         for i, turn in enumerate(sent):
             if i:  # after the failed one: again, right away, whatever Kafka answered before
-                await self._send_again(turn, producer, topics)
+                await self._send_again(turn, producer)
             delay = 0.5
             while (error := turn.error()) is not None:
                 if not isinstance(error, KafkaError):
@@ -315,14 +312,11 @@ class Collector:
                     return False
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
-                await self._send_again(turn, producer, topics)
+                await self._send_again(turn, producer)
         return True
 
-    @staticmethod
-    async def _send_again(turn: Turn, producer: Any, topics: tuple[str, str]) -> None:
-        await turn.send(producer, *topics)
-        assert turn.acked is not None
-        await turn.acked
+    async def _send_again(self, turn: Turn, producer: Any) -> None:
+        await (await turn.send(producer, *self._topics))
 
     def _finish(self, turn: Turn, client: Any) -> None:
         """Kafka took every record of ``turn``: count it, notify refused vendors, ack."""

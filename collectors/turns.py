@@ -83,9 +83,11 @@ class Turn:
             self.refused.append((key, verdict.encode()))
         self.messages.extend(messages)
 
-    async def send(self, producer: Any, readings_topic: str, deadletter_topic: str) -> None:
-        """Hand every record to the producer; :attr:`acked` resolves once Kafka answered for
-        all of them (:meth:`error` tells whether one failed).
+    async def send(
+        self, producer: Any, readings_topic: str, deadletter_topic: str
+    ) -> asyncio.Future[list[Any]]:
+        """Hand every record to the producer; return :attr:`acked`, which resolves once Kafka
+        answered for all of them (:meth:`error` tells whether one failed).
 
         Failing to hand them over (the producer's own timeout) resolves :attr:`acked` at once
         with that error: the caller handles both the same way. Batches handed over before it
@@ -102,14 +104,19 @@ class Turn:
             failed.set_result([exc])
             self.acked = failed
             self.answered = time.perf_counter()
-            return
+            return failed
         # Every answer, not the first failure: a turn is only re-sent once none of its
         # batches is still on its way (it would land after the copy).
-        self.acked = asyncio.gather(*futures, return_exceptions=True)
-        self.acked.add_done_callback(self._answered)
+        acked = self.acked = asyncio.gather(*futures, return_exceptions=True)
+        acked.add_done_callback(self._answered)
+        return acked
 
     def _answered(self, _: asyncio.Future[list[Any]]) -> None:
         self.answered = time.perf_counter()
+
+    def done(self) -> bool:
+        """Kafka answered for every record (False until the turn is sent)."""
+        return self.acked is not None and self.acked.done()
 
     def error(self) -> BaseException | None:
         """The first failure among the answers (once :attr:`acked` is done), else None."""
