@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import IO
+from urllib.parse import urlencode
 
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console, Group
@@ -147,8 +148,9 @@ def scrape(
     port: int, name: str, labels: Mapping[str, str] | None = None, timeout_s: float = 1.0
 ) -> float | None:
     """Sum of the samples of counter ``name`` at ``http://127.0.0.1:port/metrics`` (those with
-    all of ``labels``, if given); ``None`` when the endpoint does not answer."""
-    url = f"http://127.0.0.1:{port}/metrics"
+    all of ``labels``, if given); ``None`` when the endpoint does not answer. Asks for that
+    sample name only (``name[]``), so neither side builds or parses the whole page."""
+    url = f"http://127.0.0.1:{port}/metrics?{urlencode({'name[]': name})}"
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as resp:
             text = resp.read().decode()
