@@ -156,7 +156,7 @@ def bench(
     sensors: Annotated[int, typer.Option(help="sensors in the generated registry")] = 10_000,
     rules: Annotated[int, typer.Option(help="generated rules (plus the marker rule)")] = 200,
     duration: Annotated[
-        float, typer.Option(help="seconds of each mode's ramp phase; latency phases get half")
+        float, typer.Option(help="seconds of each mode's ramp phase and of each latency phase")
     ] = 30.0,
     mode: Annotated[str, typer.Option(help="single | batch | senml | all")] = "all",
     collectors: Annotated[int, typer.Option(help="collector processes")] = 1,
@@ -181,6 +181,13 @@ def bench(
             help="evaluation interval of the cross-sensor rules, seconds; 0 = per reading"
         ),
     ] = 1.0,
+    at_rate: Annotated[
+        list[float] | None,
+        typer.Option(
+            help="an extra latency phase at this offered rate, readings/s (repeatable): "
+            "latency at equal load across runs and code versions"
+        ),
+    ] = None,
 ) -> None:
     """End-to-end benchmark on the embedded stack: throughput, latency, CPU, raw ceilings."""
     from deploy.bench._cmd import run_bench_cmd
@@ -200,5 +207,6 @@ def bench(
             soak_s=soak,
             soak_fill_s=soak_fill,
             group_interval_s=group_interval,
+            at_rates=tuple(at_rate or ()),
         )
     )

@@ -72,6 +72,7 @@ def run_bench_cmd(
     soak_s: float = 0.0,
     soak_fill_s: float | None = None,
     group_interval_s: float = 1.0,
+    at_rates: tuple[float, ...] = (),
 ) -> int:
     """Run ``citypulse bench``; return the exit code."""
     try:
@@ -93,6 +94,7 @@ def run_bench_cmd(
         soak_s=soak_s,
         soak_fill_s=soak_fill_s,
         group_interval_s=group_interval_s,
+        at_rates=at_rates,
     )
     try:
         results = run_bench(opts)

@@ -91,6 +91,11 @@ class BenchOptions:
     group_interval_s: float = 1.0
     """The cross-sensor rules' evaluation interval (their rule group's ``interval``); 0 = on
     every reading of a member."""
+    at_rates: tuple[float, ...] = ()
+    """Extra latency phases at these offered rates (readings/s), after the 90 % one, labelled
+    ``"<rate>/s"``. 50 % of a run's maximum is not the same load from one run to the next
+    (this machine's speed moves by a third within an hour), so code versions compared at
+    "50 %" were compared at different rates; a fixed rate compares them at equal load."""
 
     @classmethod
     def quick_options(cls, out: Path, modes: tuple[Mode, ...]) -> BenchOptions:
@@ -860,19 +865,23 @@ class Bench:
             }
             out["latency"] = {}
             latency_s = max(4.0, o.duration_s)
-            fixed = [(0.5, latency_s, "latency"), (0.9, latency_s, "latency")]
+            # (label, offered readings/s, seconds, kind)
+            fixed = [
+                ("50%", 0.5 * top, latency_s, "latency"),
+                ("90%", 0.9 * top, latency_s, "latency"),
+                *((f"{rate:g}/s", rate, latency_s, "latency") for rate in o.at_rates),
+            ]
             fill_s = self.longest_window_s if o.soak_fill_s is None else o.soak_fill_s
             if o.soak_s > 0 and mode == o.modes[0]:
-                fixed.append((0.5, fill_s + o.soak_s, "soak"))
-            for share, seconds, kind in fixed:
-                label = f"{round(share * 100)}%"
+                fixed.append(("50%", 0.5 * top, fill_s + o.soak_s, "soak"))
+            for label, offered, seconds, kind in fixed:
                 name = f"{mode} at {label}" if kind == "latency" else f"{mode} soak at {label}"
                 ph = self._phase(
                     name,
                     pubs,
                     seconds,
                     progress,
-                    share * top,
+                    offered,
                     rss_every_s=10.0 if kind == "soak" else 0.0,
                 )
                 ph["drain"] = self._drain(pubs, probe)

@@ -63,11 +63,14 @@ def _bench_quick(out: Path, *args: str, timeout_s: float) -> dict[str, Any]:
 
 @pytest.mark.integration
 def test_bench_quick_writes_results(tmp_path: Path) -> None:
-    """`citypulse bench --quick --mode batch --soak 12 --soak-fill 6` writes JSON with non-zero
-    rates, the rule workers' evaluated rate, a memory series of the soak phase (with the growth
-    after the fill period), and a plot."""
+    """`citypulse bench --quick --mode batch --soak 12 --soak-fill 6 --at-rate 1500` writes
+    JSON with non-zero rates, the rule workers' evaluated rate, a memory series of the soak
+    phase (with the growth after the fill period), a latency phase at the fixed rate, and a
+    plot."""
     results = _bench_quick(
-        tmp_path, "--mode", "batch", "--soak", "12", "--soak-fill", "6", timeout_s=300
+        tmp_path,
+        *("--mode", "batch", "--soak", "12", "--soak-fill", "6", "--at-rate", "1500"),
+        timeout_s=300,
     )
     for key in ("machine", "ceilings", "modes", "ratios", "rss_mb", "timeseries"):
         assert key in results
@@ -85,7 +88,11 @@ def test_bench_quick_writes_results(tmp_path: Path) -> None:
     assert soak["rss_series_mb"][-1]["rules"] > 0
     assert soak["seconds"] >= 18  # the fill period comes on top of the measured soak
     assert soak["rss_after_fill_mb"]["rules"]["to_mb"] == soak["rss_series_mb"][-1]["rules"]
-    assert set(batch["latency"]) == {"50%", "90%"}
+    assert set(batch["latency"]) == {"50%", "90%", "1500/s"}
+    fixed = batch["latency"]["1500/s"]
+    assert fixed["phase"] == "batch at 1500/s"
+    assert fixed["offered_readings_per_s"] == pytest.approx(1500, rel=0.1)
+    assert fixed["alert_latency_ms"]["n"] > 0
     assert batch["latency"]["50%"]["stored_latency_ms"]["n"] > 0
     assert batch["latency"]["50%"]["alert_latency_ms"]["n"] > 0
     # The same alerts as the rule worker sent them: each before it was consumed, after publish.
