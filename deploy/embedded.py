@@ -444,18 +444,20 @@ class EmbeddedStack:
         }
 
     @staticmethod
-    def tuning_env() -> dict[str, str]:
+    def tuning_env(consumers: int = 1) -> dict[str, str]:
         """``CITYPULSE_*`` defaults that suit the embedded broker (``citypulse up``, the bench).
+
+        ``consumers`` is the most processes of one consumer group (writers or rule workers) that
+        will run: topics get that many partitions, so each process holds one.
 
         tansu's memory engine stores every produce batch as an object and lists a partition's
         objects on each fetch, so its CPU per fetch grows with the number of batches it holds.
-        Fewer, larger batches (25 ms linger instead of 5) and fewer partitions (3 instead of 6)
-        halved its CPU per million readings in the bench (12.5 -> 6.9) and brought p99
-        publish -> alert at half load from ~450 to ~210 ms. Going on to 2 partitions took a
-        quarter to a third off tansu and 5-18 % off the whole run per reading (single readings
-        0.67-0.75 -> 0.83-0.87 of the bare paho subscriber in alternated runs). Two is the
-        floor: two writers or rule workers need two partitions to share the work. Apache Kafka
-        has no such cost: production keeps the defaults (deploy/bench/README.md).
+        Fewer, larger batches (25 ms linger instead of 5) and fewer partitions halve its CPU per
+        million readings (bench: 6 -> 3 partitions 12.5 -> 6.9 CPU-s, 3 -> 2 another quarter to
+        a third). One partition per consumer process is the floor; with one writer and one rule
+        worker that is a single partition (session 16: 0.2-0.25 core less at 12,000 readings/s,
+        p99 publish -> alert at half load 210-216 ms against 252-568 with two). Apache Kafka has
+        no such cost: production keeps the defaults (deploy/bench/README.md).
 
         The plain-PostgreSQL rollup fold runs every second instead of every 5 s: at half load a
         5-s fold held a core for ~1 s, and alerts raised meanwhile waited for the CPU (p99
@@ -464,7 +466,7 @@ class EmbeddedStack:
         """
         return {
             "CITYPULSE_KAFKA_LINGER_MS": "25",
-            "CITYPULSE_PARTITIONS": "2",
+            "CITYPULSE_PARTITIONS": str(max(1, consumers)),
             "CITYPULSE_ROLLUP_REFRESH_S": "1",
         }
 

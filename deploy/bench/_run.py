@@ -353,7 +353,7 @@ class Bench:
         write_rule_files(rules_dir, files)
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("CITYPULSE_")}
         self.env.update(self.stack.env())
-        self.env.update(self.stack.tuning_env())
+        self.env.update(self.stack.tuning_env(max(self.opts.writers, self.opts.rule_workers)))
         self.env.update(
             {
                 "CITYPULSE_REGISTRY": str(reg_path),

@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from deploy.embedded import die_with_parent
+from deploy.embedded import EmbeddedStack, die_with_parent
 
 _STARTER = textwrap.dedent(
     """
@@ -86,3 +86,11 @@ def test_die_with_parent_is_a_no_op_off_the_main_thread() -> None:
     t.start()
     t.join()
     assert out == [["mosquitto"]]
+
+
+def test_tuning_gives_each_consumer_process_one_partition() -> None:
+    """Two writers or rule workers on the embedded stack each get a partition; one process
+    gets one partition (the in-memory broker's fetch cost grows with partitions)."""
+    assert EmbeddedStack.tuning_env()["CITYPULSE_PARTITIONS"] == "1"
+    assert EmbeddedStack.tuning_env(3)["CITYPULSE_PARTITIONS"] == "3"
+    assert EmbeddedStack.tuning_env(0)["CITYPULSE_PARTITIONS"] == "1"
