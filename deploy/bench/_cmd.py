@@ -23,15 +23,33 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _p99s(phase: dict[str, Any] | None) -> str:
+    """``p99 stored/p99 alert`` of a latency phase."""
+    if phase is None:
+        return "-"
+    stored, alert = phase["stored_latency_ms"].get("p99"), phase["alert_latency_ms"].get("p99")
+    return f"{_fmt(stored)}/{_fmt(alert)}"
+
+
 def summary(results: dict[str, Any]) -> Table:
     """The headline figures of a run as a rich table."""
     t = Table(title=f"citypulse bench ({results['sensors']:,} sensors, {results['rules']} rules)")
+    # --at-rate phases, labelled "<rate>/s", in the order they ran
+    fixed = list(
+        dict.fromkeys(
+            label
+            for m in results["modes"].values()
+            for label in m.get("latency", {})
+            if label.endswith("/s")
+        )
+    )
     for col in ("mode", "sustained readings/s", "msgs/s", "x mqtt", "x kafka", "x COPY"):
         t.add_column(col, justify="right")
     for col in (
         "50%: p50/p95/p99 stored ms",
         "50%: p99 alert/group alert ms",
         "90%: p99 stored/alert ms",
+        *(f"{label}: p99 stored/alert ms" for label in fixed),
     ):
         t.add_column(col, justify="right")
     for mode, m in results["modes"].items():
@@ -51,8 +69,8 @@ def summary(results: dict[str, Any]) -> Table:
             "/".join(_fmt(s50.get(k)) for k in ("p50", "p95", "p99")),
             f"{_fmt(lat50['alert_latency_ms'].get('p99'))}/"
             f"{_fmt(lat50.get('group_alert_latency_ms', {}).get('p99'))}",
-            f"{_fmt(lat90['stored_latency_ms'].get('p99'))}/"
-            f"{_fmt(lat90['alert_latency_ms'].get('p99'))}",
+            _p99s(lat90),
+            *(_p99s(m["latency"].get(label)) for label in fixed),
         )
     return t
 
@@ -79,6 +97,9 @@ def run_bench_cmd(
         modes = tuple(Mode) if mode == "all" else (Mode(mode),)
     except ValueError:
         console.print(f"[red]--mode must be single, batch, senml or all, not {mode!r}[/]")
+        return 2
+    if any(rate <= 0 for rate in at_rates):
+        console.print(f"[red]--at-rate must be above 0 readings/s, not {min(at_rates):g}[/]")
         return 2
     opts = (
         BenchOptions.quick_options(out, modes)

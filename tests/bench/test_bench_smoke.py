@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from rich.console import Console
 
 from deploy.bench import Mode, generate_rules, probe_sensors, templates_for
+from deploy.bench._cmd import summary
 from deploy.simulator import generate_registry
 from rules import check_rules
 
@@ -108,6 +110,26 @@ def test_bench_quick_writes_results(tmp_path: Path) -> None:
     assert results["ceilings"]["batch"]["kafka"]["produce_records_per_s"] > 0
     assert results["ceilings"]["copy"]["rows_per_s"] > 0
     assert (tmp_path / "latest.png").stat().st_size > 0
+    # The printed summary has a column for the fixed-rate phase, with its p99s.
+    console = Console(record=True, width=400)
+    console.print(summary(results))
+    table = console.export_text()
+    assert "1500/s: p99 stored/alert ms" in table
+    assert f"{fixed['alert_latency_ms']['p99']:,.0f}" in table
+
+
+def test_bench_refuses_a_rate_of_zero(tmp_path: Path) -> None:
+    """`--at-rate 0` is an error before anything starts (a phase at 0/s measures nothing)."""
+    done = subprocess.run(
+        [*_CITYPULSE, "bench", "--out", str(tmp_path), "--at-rate", "3000", "--at-rate", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "--at-rate must be above 0" in done.stdout
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.integration
