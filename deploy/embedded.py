@@ -455,9 +455,10 @@ class EmbeddedStack:
         Fewer, larger batches (25 ms linger instead of 5) and fewer partitions halve its CPU per
         million readings (bench: 6 -> 3 partitions 12.5 -> 6.9 CPU-s, 3 -> 2 another quarter to
         a third). One partition per consumer process is the floor; with one writer and one rule
-        worker that is a single partition (session 16: 0.2-0.25 core less at 12,000 readings/s,
-        p99 publish -> alert at half load 210-216 ms against 252-568 with two). Apache Kafka has
-        no such cost: production keeps the defaults (deploy/bench/README.md).
+        worker that is a single partition (sessions 15-16, alternated runs against two: 0.2-0.25
+        core less at 12,000 readings/s, single readings at 0.75-0.80 of the bare paho subscriber
+        against 0.62-0.71). Apache Kafka has no such cost: production keeps the defaults
+        (deploy/bench/README.md).
 
         The plain-PostgreSQL rollup fold runs every second instead of every 5 s: at half load a
         5-s fold held a core for ~1 s, and alerts raised meanwhile waited for the CPU (p99
