@@ -11,8 +11,6 @@ import urllib.request
 
 from prometheus_client import Counter
 
-from citypulse.service import serve_http
-from deploy.embedded import free_port
 from deploy.up import scrape
 
 _THINGS = Counter("citypulse_test_things", "things counted by this test", ["stage"])
@@ -24,24 +22,18 @@ def _get(port: int, query: str) -> str:
         return str(r.read().decode())
 
 
-def test_name_parameters_restrict_the_page_and_scrape_uses_them() -> None:
+def test_name_parameters_restrict_the_page_and_scrape_uses_them(http_port: int) -> None:
     _THINGS.labels("sensor").inc(3)
     _THINGS.labels("group").inc(4)
-    port = free_port()
-    server = serve_http(port, host="127.0.0.1")
-    try:
-        full = _get(port, "")
-        assert "citypulse_test_things_total" in full
-        assert "python_info" in full
-        only = _get(port, "?name[]=citypulse_test_things_total")
-        samples = [line for line in only.splitlines() if not line.startswith("#")]
-        assert sorted(samples) == [
-            'citypulse_test_things_total{stage="group"} 4.0',
-            'citypulse_test_things_total{stage="sensor"} 3.0',
-        ]
-        assert scrape(port, "citypulse_test_things_total") == 7.0
-        assert scrape(port, "citypulse_test_things_total", {"stage": "group"}) == 4.0
-        assert scrape(port, "citypulse_no_such_metric_total") is None
-    finally:
-        server.shutdown()
-        server.server_close()
+    full = _get(http_port, "")
+    assert "citypulse_test_things_total" in full
+    assert "python_info" in full
+    only = _get(http_port, "?name[]=citypulse_test_things_total")
+    samples = [line for line in only.splitlines() if not line.startswith("#")]
+    assert sorted(samples) == [
+        'citypulse_test_things_total{stage="group"} 4.0',
+        'citypulse_test_things_total{stage="sensor"} 3.0',
+    ]
+    assert scrape(http_port, "citypulse_test_things_total") == 7.0
+    assert scrape(http_port, "citypulse_test_things_total", {"stage": "group"}) == 4.0
+    assert scrape(http_port, "citypulse_no_such_metric_total") is None

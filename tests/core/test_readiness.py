@@ -14,8 +14,7 @@ import urllib.request
 import pytest
 
 from citypulse import service
-from citypulse.service import Health, serve_http
-from deploy.embedded import free_port
+from citypulse.service import Health
 
 
 def _readyz(port: int) -> tuple[int, str]:
@@ -26,20 +25,16 @@ def _readyz(port: int) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
-def test_not_ready_until_checks_are_registered_and_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_not_ready_until_checks_are_registered_and_pass(
+    monkeypatch: pytest.MonkeyPatch, http_port: int
+) -> None:
     health = Health()
     monkeypatch.setattr(service, "HEALTH", health)
-    port = free_port()
-    server = serve_http(port, host="127.0.0.1")
-    try:
-        assert _readyz(port) == (503, "starting\n")
-        assert not health.ready()
-        subscribed = False
-        health.add("mqtt", lambda: subscribed)
-        assert _readyz(port) == (503, "mqtt not ready\n")
-        subscribed = True
-        assert _readyz(port) == (200, "mqtt ok\n")
-        assert health.ready()
-    finally:
-        server.shutdown()
-        server.server_close()
+    assert _readyz(http_port) == (503, "starting\n")
+    assert not health.ready()
+    subscribed = False
+    health.add("mqtt", lambda: subscribed)
+    assert _readyz(http_port) == (503, "mqtt not ready\n")
+    subscribed = True
+    assert _readyz(http_port) == (200, "mqtt ok\n")
+    assert health.ready()
