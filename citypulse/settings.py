@@ -67,8 +67,8 @@ class Settings(BaseSettings):
     kafka_linger_ms: int = Field(
         5,
         ge=0,
-        description="how long records may wait to be batched: the producers' linger; the "
-        "collector's turn (what arrives meanwhile is validated and sent as one request)",
+        description="how long records may wait to be batched: the producers' linger; also the "
+        "collector's turn unless collector_turn_ms is set",
     )
     kafka_fetch_max_wait_ms: int = Field(15, description="keep low: tansu holds every fetch")
     kafka_bulk_fetch_max_wait_ms: int = Field(
@@ -86,6 +86,12 @@ class Settings(BaseSettings):
     )
     mqtt_session_expiry_s: int = Field(3600, description="persistent session kept this long")
     mqtt_receive_maximum: int = Field(1000, ge=1, le=65535, description="QoS 1 in flight")
+    collector_turn_ms: int | None = Field(
+        None,
+        ge=0,
+        description="how long a collector turn gathers MQTT messages before it validates them "
+        "and sends them to Kafka as one request; default: kafka_linger_ms",
+    )
     future_tolerance_s: float = Field(300.0, description="refuse readings further ahead")
     past_tolerance_s: float = Field(7 * 86400.0, description="refuse readings older than this")
     max_message_bytes: int = Field(256 * 1024, description="refuse larger MQTT payloads")

@@ -229,7 +229,8 @@ class Collector:
         """
         inbox = self._inbox
         ready = self._ready
-        linger = self.settings.kafka_linger_ms / 1000
+        turn_ms = self.settings.collector_turn_ms
+        linger = (self.settings.kafka_linger_ms if turn_ms is None else turn_ms) / 1000
         opened: float | None = None  # when the open turn's first message was seen
         sent: collections.deque[Turn] = collections.deque()
         while True:

@@ -460,6 +460,13 @@ class EmbeddedStack:
         against 0.62-0.71). Apache Kafka has no such cost: production keeps the defaults
         (deploy/bench/README.md).
 
+        Collector turns last 50 ms (``CITYPULSE_COLLECTOR_TURN_MS``) while the producers keep a
+        25-ms linger: a turn is one produce batch into the readings partition, the one every
+        fetch of the writer and of the rules' sensor stage lists. Against 25-ms turns (session
+        17, alternated runs): tansu a third less CPU at equal load (0.26-0.30 core against
+        0.39-0.45), batch maxima 30.3k/32.3k readings/s against 27.9k/26.7k, p99 publish ->
+        alert at equal load 144-245 ms against 209-742; p50 15-20 ms later.
+
         The plain-PostgreSQL rollup fold runs every second instead of every 5 s: at half load a
         5-s fold held a core for ~1 s, and alerts raised meanwhile waited for the CPU (p99
         publish -> alert 213-475 ms against 232-243 with 1-s folds, no measured cost per
@@ -467,6 +474,7 @@ class EmbeddedStack:
         """
         return {
             "CITYPULSE_KAFKA_LINGER_MS": "25",
+            "CITYPULSE_COLLECTOR_TURN_MS": "50",
             "CITYPULSE_PARTITIONS": str(max(1, consumers)),
             "CITYPULSE_ROLLUP_REFRESH_S": "1",
         }

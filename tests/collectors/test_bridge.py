@@ -68,8 +68,9 @@ class _Client:
         raise AssertionError("no message here is refused")
 
 
-def _collector(linger_ms: int) -> Collector:
-    collector = Collector(Settings(kafka_linger_ms=linger_ms), registry())
+def _collector(linger_ms: int, turn_ms: int | None = None) -> Collector:
+    settings = Settings(kafka_linger_ms=linger_ms, collector_turn_ms=turn_ms)
+    collector = Collector(settings, registry())
     collector._loop = asyncio.get_running_loop()
     return collector
 
@@ -128,6 +129,21 @@ async def test_messages_arriving_while_busy_do_not_wake_the_loop() -> None:
     assert [m for b in producer.batches for m in _mids(b)] == list(range(MESSAGES))
     # One wake-up per idle spell: messages that come while a turn lingers (5 ms) wait for it.
     assert wakes < MESSAGES / 10, wakes
+
+
+async def test_a_turn_lasts_collector_turn_ms_when_set_else_the_producers_linger() -> None:
+    # The embedded stack sets a turn longer than the producers' linger (deploy/embedded.py).
+    for turn_ms, turns in ((None, [[1], [2]]), (300, [[1, 2]])):
+        collector = _collector(linger_ms=1, turn_ms=turn_ms)
+        producer, client, stop = _Producer(answer_after=0), _Client(), asyncio.Event()
+        consume = asyncio.create_task(collector._consume(stop, producer, client))
+        _arrive(collector, 1)
+        await asyncio.sleep(0.05)
+        _arrive(collector, 2)
+        await _until(lambda: client.acked == [1, 2], "both acks")  # noqa: B023
+        stop.set()
+        await asyncio.wait_for(consume, 5)
+        assert [_mids(b) for b in producer.batches] == turns, turn_ms
 
 
 async def test_a_turn_goes_to_kafka_before_the_previous_is_answered_and_acks_keep_order() -> None:

@@ -1,4 +1,4 @@
-"""The embedded stack's servers do not outlive the process that started them."""
+"""The embedded stack: its servers do not outlive the process that started them; its tuning."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from citypulse.settings import Settings
 from deploy.embedded import EmbeddedStack, die_with_parent
 
 _STARTER = textwrap.dedent(
@@ -94,3 +95,15 @@ def test_tuning_gives_each_consumer_process_one_partition() -> None:
     assert EmbeddedStack.tuning_env()["CITYPULSE_PARTITIONS"] == "1"
     assert EmbeddedStack.tuning_env(3)["CITYPULSE_PARTITIONS"] == "3"
     assert EmbeddedStack.tuning_env(0)["CITYPULSE_PARTITIONS"] == "1"
+
+
+def test_every_tuning_variable_sets_a_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A misspelt variable would be ignored without a word (settings ignore unknown names)."""
+    env = EmbeddedStack.tuning_env()
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    settings = Settings()
+    for key, value in env.items():
+        name = key.removeprefix("CITYPULSE_").lower()
+        assert float(getattr(settings, name)) == float(value), key
+    assert settings.collector_turn_ms == 50 > settings.kafka_linger_ms
