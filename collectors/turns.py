@@ -2,11 +2,11 @@
 
 A turn opens with its first message and closes ``collector_turn_ms`` later (default
 ``kafka_linger_ms``) or at :data:`MAX_MESSAGES`; what arrived meanwhile is validated and sent
-at once, one record batch per partition, and the next turn opens while Kafka answers. A
-message waits at most one turn before it is sent, not also for the previous turn's answer. The collector acks a turn's
-MQTT messages once Kafka acknowledged all of its records, turn after turn in the order they
-were sent (MQTT 5 §4.6: PUBACKs in the order the PUBLISHes came). When a turn fails, it and
-every turn sent after it are sent again, in order (``Collector._resend``).
+at once, one record batch per partition, and the next turn opens while Kafka answers. A message
+waits at most one turn before it is sent, not also for the previous turn's answer. The
+collector acks a turn's MQTT messages once Kafka acknowledged all of its records, turn after
+turn in the order they were sent (MQTT 5 §4.6: PUBACKs in the order the PUBLISHes came). When a
+turn fails, it and every turn sent after it are sent again, in order (``Collector._resend``).
 """
 
 from __future__ import annotations
