@@ -12,6 +12,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import orjson
+import pytest
 from aiokafka.errors import RequestTimedOutError
 from prometheus_client import REGISTRY
 
@@ -131,19 +132,25 @@ async def test_messages_arriving_while_busy_do_not_wake_the_loop() -> None:
     assert wakes < MESSAGES / 10, wakes
 
 
-async def test_a_turn_lasts_collector_turn_ms_when_set_else_the_producers_linger() -> None:
-    # The embedded stack sets a turn longer than the producers' linger (deploy/embedded.py).
-    for turn_ms, turns in ((None, [[1], [2]]), (300, [[1, 2]])):
-        collector = _collector(linger_ms=1, turn_ms=turn_ms)
-        producer, client, stop = _Producer(answer_after=0), _Client(), asyncio.Event()
-        consume = asyncio.create_task(collector._consume(stop, producer, client))
-        _arrive(collector, 1)
-        await asyncio.sleep(0.05)
-        _arrive(collector, 2)
-        await _until(lambda: client.acked == [1, 2], "both acks")  # noqa: B023
-        stop.set()
-        await asyncio.wait_for(consume, 5)
-        assert [_mids(b) for b in producer.batches] == turns, turn_ms
+@pytest.mark.parametrize(
+    ("linger_ms", "turn_ms", "turns"),
+    [(400, None, [[1, 2]]), (1, 400, [[1, 2]]), (400, 1, [[1], [2]])],
+)
+async def test_a_turn_lasts_collector_turn_ms_when_set_else_the_producers_linger(
+    linger_ms: int, turn_ms: int | None, turns: list[list[int]]
+) -> None:
+    """Two messages 100 ms apart share a turn when it lasts 400 ms, not when it lasts 1 ms (the
+    embedded stack sets a turn longer than the producers' linger: deploy/embedded.py)."""
+    collector = _collector(linger_ms, turn_ms)
+    producer, client, stop = _Producer(answer_after=0), _Client(), asyncio.Event()
+    consume = asyncio.create_task(collector._consume(stop, producer, client))
+    _arrive(collector, 1)
+    await asyncio.sleep(0.1)
+    _arrive(collector, 2)
+    await _until(lambda: client.acked == [1, 2], "both acks")
+    stop.set()
+    await asyncio.wait_for(consume, 5)
+    assert [_mids(b) for b in producer.batches] == turns
 
 
 async def test_a_turn_goes_to_kafka_before_the_previous_is_answered_and_acks_keep_order() -> None:
